@@ -1,0 +1,508 @@
+"""lav2 model folders, the importers of Meta, Hugging Face and official LLaMA-Adapter V2 weights, and merge.
+
+A model folder is self-describing:
+
+    lav2.json            {"format": "lav2", "version": 1, "config": {...}, "layout": preset name,
+                          "weights": "model.safetensors" | null, "base": "../llama-7b" | null,
+                          "adapter": "adapter.safetensors" | null, "clip": spec | null,
+                          "prompt_style": "alpaca" | "chat", "source": {...}}
+    model.safetensors    the frozen base LLaMA (absent when "base" names another folder that holds it)
+    adapter.safetensors  the trainable tensors (model.adapter_state_dict: prompts, gates, bias/scale/LoRA,
+                         norms, visual branch)
+    clip.safetensors     the frozen CLIP vision tower, when the CLIP spec is {"config": ..., "weights": ...}
+    tokenizer.model
+
+A CLIP spec is {"name": "ViT-L-14", "pretrained": "openai"} (resolved by open_clip, which may download) or
+{"config": <kwargs of open_clip.CLIP>, "weights": "clip.safetensors"} (a file inside the folder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pickle
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lav2.errors import Lav2Error
+from lav2.model import (LINEARS, Config, LLaMAAdapter, PRESETS, adapter_state_dict, base_parameter_names,
+                        build_clip_visual, fold_adapters_)
+from lav2.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE, ADAPTER_FILE, CLIP_FILE, TOKENIZER_FILE = (
+    "lav2.json", "model.safetensors", "adapter.safetensors", "clip.safetensors", "tokenizer.model")
+
+# --- reading weight files safely ---------------------------------------------------------------------------
+
+
+def read_torch_file(path: Path) -> dict:
+    """torch.load with weights_only=True: tensors and plain containers load, code-running pickles do not."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e) or "Unsupported" in str(e):
+            raise Lav2Error(f"{path}: refused to load: not a weights-only checkpoint (it would run code when "
+                            f"unpickled); use the original file or a safetensors copy") from None
+        raise Lav2Error(f"{path}: cannot read as a PyTorch checkpoint ({reason}); the file may be truncated: "
+                        f"download it again") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise Lav2Error(f"{path}: cannot read as safetensors ({e}); the file may be truncated: download it "
+                        f"again") from None
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    return read_safetensors(path) if path.suffix == ".safetensors" else read_torch_file(path)
+
+
+# --- key maps: Meta, Hugging Face and official adapter checkpoints to lav2 names -----------------------
+
+
+# Meta's model-parallel shards split these along a dim; everything else is replicated (norms).
+META_SHARD_DIM = {"tok_embeddings": 1, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1, "output": 0}
+
+
+def meta_to_lav2(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Join Meta's consolidated.*.pth shards; Meta's names are ours already."""
+    joined = {}
+    for key in shards[0]:
+        if key == "rope.freqs":  # a cached RoPE table in some Meta files, recomputed by us
+            continue
+        parts = [shard[key] for shard in shards]
+        dim = META_SHARD_DIM.get(key.split(".")[-2])
+        joined[key] = parts[0] if len(parts) == 1 or dim is None or key.endswith("norm.weight") else torch.cat(parts, dim)
+    return joined
+
+
+def unpermute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo Hugging Face's q/k permutation (made for rotate_half RoPE) back to Meta's interleaved pairs."""
+    dim_out, dim_in = w.shape
+    return w.view(n_heads, 2, dim_out // n_heads // 2, dim_in).transpose(1, 2).reshape(dim_out, dim_in)
+
+
+HF_LAYER_KEYS = {
+    "self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
+}
+
+
+def hf_to_lav2(state: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, tensor in state.items():
+        if key.endswith("rotary_emb.inv_freq"):
+            continue
+        if key == "model.embed_tokens.weight":
+            out["tok_embeddings.weight"] = tensor
+        elif key == "model.norm.weight":
+            out["norm.weight"] = tensor
+        elif key == "lm_head.weight":
+            out["output.weight"] = tensor
+        elif m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", key):
+            if m.group(2) not in HF_LAYER_KEYS:
+                raise Lav2Error(f"unexpected Hugging Face weight {key}: not a LLaMA checkpoint")
+            name = HF_LAYER_KEYS[m.group(2)]
+            if name == "attention.wq":
+                tensor = unpermute_rope(tensor, config.n_heads)
+            elif name == "attention.wk":
+                tensor = unpermute_rope(tensor, config.n_kv_heads)
+            out[f"layers.{m.group(1)}.{name}.weight"] = tensor
+        else:
+            raise Lav2Error(f"unexpected Hugging Face weight {key}: not a LLaMA checkpoint")
+    out.setdefault("output.weight", out.get("tok_embeddings.weight"))  # tied embeddings
+    return out
+
+
+OFFICIAL_VISUAL = ("clip_proj.", "clip_proj_norm.", "visual_blocks.", "visual_proj.", "visual_proj_norm.")
+
+
+def official_to_lav2(state: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:
+    """Official LLaMA-Adapter V2 adapter keys to lav2 keys; unknown keys are kept as they are, so that the
+    strict check after the map names them."""
+    out = {}
+    for key, tensor in state.items():
+        if key == "adapter_query.weight":  # an Embedding of (layers * len, dim) rows
+            out["adapter_query"] = tensor.reshape(-1, config.adapter_len, tensor.shape[-1])
+        elif key == "visual_query.weight":
+            out["visual.visual_query"] = tensor
+        elif key.startswith(OFFICIAL_VISUAL):
+            out[f"visual.{key}"] = tensor
+        elif m := re.fullmatch(r"llama\.layers\.(\d+)\.(attention|feed_forward)\.lora_(\w+)_l([12])\.weight", key):
+            out[f"layers.{m.group(1)}.{m.group(2)}.{m.group(3)}.lora_{'a' if m.group(4) == '1' else 'b'}"] = tensor
+        elif key.startswith("llama."):
+            out[key[len("llama."):]] = tensor
+        else:
+            out[key] = tensor
+    return out
+
+
+def official_layout(state: dict[str, torch.Tensor], meta: dict, name: str, base: Config) -> tuple[str, Config]:
+    """Pick the official layout from the file's config and keys; sizes come from the tensor shapes, the
+    visual blocks' head count (which shapes cannot tell) from the preset."""
+    has_lora = any(".lora_" in k for k in state)
+    if bool(meta.get("w_lora", False)) != has_lora:
+        raise Lav2Error(f"{name}: its config says w_lora={meta.get('w_lora')} but the file "
+                        f"{'has' if has_lora else 'has no'} LoRA weights; the file is inconsistent")
+    for key in ("adapter_query.weight", "visual_query.weight", "clip_proj.weight"):
+        if key not in state:
+            raise Lav2Error(f"{name}: not an official LLaMA-Adapter V2 multimodal checkpoint (no {key})")
+    stem = Path(name).stem.split("_", 1)[-1].lower()
+    layout = f"official-{stem}" if f"official-{stem}" in PRESETS else (
+        "official-lora-bias-7b" if has_lora else "official-bias-7b")
+    adapter_len, visual_dim = state["visual_query.weight"].shape
+    lora_a = state.get("llama.layers.0.attention.lora_wq_l1.weight")
+    try:
+        config = replace(
+            base, bias_targets=tuple(t for t in LINEARS if any(re.fullmatch(rf"llama\.layers\.\d+\.\w+\.{t}\.bias", k)
+                                                                for k in state)),
+            scale_targets=(), lora_rank=0 if lora_a is None else lora_a.shape[0], new_gate=has_lora,
+            adapter_len=adapter_len, adapter_layers=state["adapter_query.weight"].shape[0] // adapter_len,
+            visual_len=adapter_len, fusion="add", visual_layers=0, bgr=True,
+            clip_dim=state["clip_proj.weight"].shape[1], visual_dim=visual_dim,
+            visual_depth=len({k.split(".")[1] for k in state if k.startswith("visual_blocks.")}),
+            visual_heads=Config.from_name(layout).visual_heads)
+    except ValueError as e:
+        raise Lav2Error(f"{name}: its shapes do not fit the base model ({e})") from None
+    return layout, config
+
+
+def check_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
+    """Strict: every expected key present with its shape, nothing else. One line naming what differs."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}"
+                   for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    problems = [f"{label} ({len(keys)}): {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+                for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+    if problems:
+        raise Lav2Error(f"{what} does not match the model: " + "; ".join(problems))
+
+
+# --- recognising source folders ----------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    kind: str  # "meta" or "hf"
+    config: Config
+    weight_files: list[Path]
+    tokenizer: Path
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise Lav2Error(f"{path}: not valid JSON ({e})") from None
+
+
+def find_source(src: Path) -> Source:
+    """A Meta folder (params.json + consolidated.*.pth, or Meta's download with a 7B/ subfolder) or a Hugging
+    Face folder (config.json + *.safetensors or pytorch_model*.bin); tokenizer.model beside or one level up."""
+    if not src.exists():
+        raise Lav2Error(f"{src}: no such folder; give a Meta or Hugging Face LLaMA folder, or a registry name")
+    if not src.is_dir():
+        raise Lav2Error(f"{src}: not a folder; give the folder that holds the LLaMA weights")
+    subfolders = sorted(p.parent for p in src.glob("*/params.json"))
+    if not (src / "params.json").exists() and not (src / "config.json").exists() and len(subfolders) == 1:
+        return find_source(subfolders[0])
+    tokenizer = next((p for p in (src / TOKENIZER_FILE, src.parent / TOKENIZER_FILE) if p.is_file()), None)
+    if (src / "params.json").exists():
+        kind, files = "meta", sorted(src.glob("consolidated.*.pth"))
+        if not files:
+            raise Lav2Error(f"{src}: has params.json but no consolidated.*.pth weight files")
+        config = config_from_meta(read_json(src / "params.json"), files[0])
+    elif (src / "config.json").exists():
+        kind = "hf"
+        files = sorted(src.glob("*.safetensors")) or sorted(src.glob("pytorch_model*.bin"))
+        if not files:
+            raise Lav2Error(f"{src}: has config.json but no *.safetensors or pytorch_model*.bin weight files")
+        config = config_from_hf(read_json(src / "config.json"), src)
+    else:
+        raise Lav2Error(f"{src}: unknown format: expected a Meta LLaMA folder (params.json, consolidated.*.pth) "
+                        f"or a Hugging Face one (config.json, *.safetensors)")
+    if tokenizer is None:
+        raise Lav2Error(f"{src}: no tokenizer.model (the SentencePiece model that comes with LLaMA) in the "
+                        f"folder or its parent; copy it there")
+    return Source(kind, config, files, tokenizer)
+
+
+def config_from_meta(params: dict, first_shard: Path) -> Config:
+    keys = ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "ffn_dim_multiplier", "norm_eps", "rope_theta")
+    try:
+        config = {k: params[k] for k in keys if params.get(k) is not None}
+        # vocab_size is -1 in LLaMA-1's params.json: read it from the embedding (cheap with mmap)
+        config["vocab_size"] = read_torch_file(first_shard)["tok_embeddings.weight"].shape[0] * (
+            1 if params.get("vocab_size", -1) <= 0 else 0) or params["vocab_size"]
+        return Config(**config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise Lav2Error(f"{first_shard.parent}/params.json: not a LLaMA params.json ({e})") from None
+
+
+def config_from_hf(hf: dict, src: Path) -> Config:
+    if hf.get("model_type") != "llama":
+        raise Lav2Error(f"{src}/config.json: model_type {hf.get('model_type')!r} is not 'llama'; lav2 supports "
+                        f"LLaMA-architecture models")
+    if hf.get("rope_scaling") or hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise Lav2Error(f"{src}/config.json: rope_scaling, attention/mlp biases or a non-SiLU activation are not "
+                        f"supported (only the plain LLaMA architecture)")
+    try:
+        return Config(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=hf["num_attention_heads"],
+                      n_kv_heads=hf.get("num_key_value_heads"), vocab_size=hf["vocab_size"],
+                      hidden_dim=hf["intermediate_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+                      rope_theta=hf.get("rope_theta", 10000.0), max_seq_len=hf.get("max_position_embeddings", 2048))
+    except (KeyError, TypeError, ValueError) as e:
+        raise Lav2Error(f"{src}/config.json: not a LLaMA config ({e})") from None
+
+
+def read_base_weights(source: Source) -> dict[str, torch.Tensor]:
+    if source.kind == "meta":
+        return meta_to_lav2([read_torch_file(f) for f in source.weight_files])
+    state = {}
+    for f in source.weight_files:
+        state.update(read_weights(f))
+    return hf_to_lav2(state, source.config)
+
+
+def meta_model(config: Config) -> LLaMAAdapter:
+    """A model with this config on the meta device: its names and shapes, for free."""
+    with torch.device("meta"):
+        return LLaMAAdapter(config)
+
+
+def base_state_names(model: LLaMAAdapter) -> set[str]:
+    """What a base folder's weights file holds: the frozen matrices and the norms."""
+    return base_parameter_names(model) | {k for k in model.state_dict() if k.endswith("norm.weight")}
+
+
+# --- CLIP ---------------------------------------------------------------------------------------------------
+
+
+def read_clip_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A folder with open_clip_config.json (the kwargs of open_clip.CLIP, or the hub's {"model_cfg": ...}) and
+    open_clip_model.safetensors; returns the model config and the vision tower's weights."""
+    cfg_file, weights_file = folder / "open_clip_config.json", folder / "open_clip_model.safetensors"
+    for f in (cfg_file, weights_file):
+        if not f.is_file():
+            raise Lav2Error(f"{folder}: no {f.name}; a CLIP folder holds open_clip_config.json and "
+                            f"open_clip_model.safetensors")
+    cfg = read_json(cfg_file)
+    cfg = cfg.get("model_cfg", cfg)
+    visual = {k[len("visual."):]: v for k, v in read_safetensors(weights_file).items() if k.startswith("visual.")}
+    if not visual:
+        raise Lav2Error(f"{weights_file}: holds no visual.* weights (not an open_clip CLIP)")
+    return cfg, visual
+
+
+def load_clip(spec: dict, folder: Path, device) -> tuple[torch.nn.Module, Callable]:
+    """The frozen CLIP vision tower and its eval transform (PIL image -> tensor), from a CLIP spec."""
+    import open_clip
+
+    if "name" in spec:
+        try:
+            model, _, transform = open_clip.create_model_and_transforms(spec["name"], pretrained=spec.get("pretrained"))
+        except Exception as e:  # network, unknown name: open_clip raises many kinds
+            raise Lav2Error(f"CLIP {spec['name']}/{spec.get('pretrained')} could not be loaded ({e}); run "
+                            f"`lav2 download` for a self-contained folder") from None
+        visual = model.visual.to(device)
+    else:
+        with torch.device("meta"):
+            visual = build_clip_visual(spec["config"])
+        weights = read_safetensors(folder / spec["weights"])
+        check_state(weights, visual.state_dict(), f"{folder / spec['weights']}")
+        visual.load_state_dict(weights, assign=True)
+        visual = visual.to(device)
+        size = visual.image_size
+        transform = open_clip.image_transform(size if isinstance(size, int) else size[0], is_train=False,
+                                              mean=getattr(visual, "image_mean", None),
+                                              std=getattr(visual, "image_std", None))
+    visual.requires_grad_(False).eval()
+    return visual, transform
+
+
+# --- model folders -----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """Write a folder as a whole: into a hidden sibling, renamed to `out` only when everything is written."""
+    out = Path(out)
+    if out.exists():
+        raise Lav2Error(f"{out} already exists; choose another --out or remove it first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        yield tmp
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, path)
+
+
+def write_folder(out: Path, *, config: Config, layout: str, tokenizer: Path, base_weights=None, base: Optional[str] = None,
+                 adapter=None, clip_spec: Optional[dict] = None, clip_weights=None, prompt_style: str = "chat",
+                 source: Optional[dict] = None) -> None:
+    """Write the files of a model folder into `out` (an existing, empty folder: see atomic_folder)."""
+    if base_weights is not None:
+        save_tensors(base_weights, out / WEIGHTS_FILE)
+    if adapter:
+        save_tensors(adapter, out / ADAPTER_FILE)
+    if clip_weights is not None:
+        save_tensors(clip_weights, out / CLIP_FILE)
+    shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
+    meta = dict(format="lav2", version=FORMAT_VERSION, layout=layout, config=config.to_dict(),
+                weights=WEIGHTS_FILE if base_weights is not None else None, base=base,
+                adapter=ADAPTER_FILE if adapter else None, clip=clip_spec, prompt_style=prompt_style,
+                source=source or {})
+    (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def import_model(src: Path, out: Path, *, adapter: Optional[Path] = None, clip: Optional[Path] = None) -> Path:
+    """Turn a Meta or Hugging Face LLaMA folder (plus optionally an official adapter .pth and a CLIP folder)
+    into a lav2 model folder at `out`, written atomically."""
+    src, out = Path(src), Path(out)
+    source = find_source(src)
+    Tokenizer(source.tokenizer)  # fail early on a broken tokenizer
+    base_config, layout = source.config, "llama"
+    base_state = read_base_weights(source)
+    base_model = meta_model(base_config)
+    check_state(base_state, {k: v for k, v in base_model.state_dict().items() if k in base_state_names(base_model)},
+                f"{src}")
+    config, adapter_state, prompt_style, clip_spec, clip_weights = base_config, None, "chat", None, None
+    if adapter is not None:
+        adapter = Path(adapter)
+        if not adapter.is_file():
+            raise Lav2Error(f"{adapter}: no such adapter file")
+        checkpoint = read_torch_file(adapter)
+        if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
+            raise Lav2Error(f"{adapter}: not an official LLaMA-Adapter checkpoint (expected {{'model': ..., 'config': ...}})")
+        layout, config = official_layout(checkpoint["model"], checkpoint.get("config") or {}, adapter.name, base_config)
+        adapter_state = official_to_lav2(checkpoint["model"], config)
+        check_state(adapter_state, adapter_state_dict(meta_model(config)), f"{adapter}")
+        prompt_style = "alpaca"
+        clip_spec = {"name": "ViT-L-14", "pretrained": "openai"}
+    if clip is not None:
+        clip_config, clip_weights = read_clip_folder(Path(clip))
+        clip_spec = {"config": clip_config, "weights": CLIP_FILE}
+        if clip_weights["proj"].shape[1] != config.clip_dim:
+            raise Lav2Error(f"{clip}: CLIP output width {clip_weights['proj'].shape[1]} != the adapter's "
+                            f"clip_dim {config.clip_dim}; use the CLIP the adapter was trained with")
+    with atomic_folder(out) as tmp:
+        write_folder(tmp, config=config, layout=layout, tokenizer=source.tokenizer, base_weights=base_state,
+                     adapter=adapter_state, clip_spec=clip_spec, clip_weights=clip_weights, prompt_style=prompt_style,
+                     source=dict(base=str(src.resolve()), adapter=str(adapter.resolve()) if adapter else None))
+    return out
+
+
+@dataclass
+class Loaded:
+    """What lav2.load returns: the model and what it needs to be used."""
+
+    model: LLaMAAdapter
+    tokenizer: Tokenizer
+    preprocess: Optional[Callable]  # PIL image -> (3, H, W) tensor, channel order as the layout expects
+    config: Config
+    folder: Path
+    info: dict  # the folder's lav2.json
+
+    def generate(self, prompt: str, image=None, **sampling):
+        from lav2.generate import answer  # lazily: loading a model for training needs no sampling code
+
+        return answer(self, prompt, image=image, **sampling)
+
+
+def read_folder_info(folder: Path) -> dict:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise Lav2Error(f"{folder}: no such model folder; `lav2 download` makes one")
+    if not (folder / CONFIG_FILE).is_file():
+        raise Lav2Error(f"{folder}: not a lav2 model folder (no {CONFIG_FILE}); import weights with "
+                        f"`lav2 download PATH --out DIR`")
+    info = read_json(folder / CONFIG_FILE)
+    if info.get("format") != "lav2" or info.get("version") != FORMAT_VERSION:
+        raise Lav2Error(f"{folder / CONFIG_FILE}: not a lav2 v{FORMAT_VERSION} model config")
+    return info
+
+
+def base_folder(folder: Path, info: dict) -> Optional[Path]:
+    return None if not info.get("base") else (folder / info["base"]).resolve()
+
+
+def collect_weights(folder: Path, info: dict) -> tuple[dict[str, torch.Tensor], Optional[dict], Path]:
+    """Base weights (following "base" links), this folder's adapter on top; the CLIP spec and its folder."""
+    state, clip_spec, clip_folder = {}, info.get("clip"), folder
+    parent = base_folder(folder, info)
+    if parent is not None:
+        state, parent_clip, parent_clip_folder = collect_weights(parent, read_folder_info(parent))
+        if clip_spec is None:
+            clip_spec, clip_folder = parent_clip, parent_clip_folder
+    if info.get("weights"):
+        state.update(read_safetensors(folder / info["weights"]))
+    if info.get("adapter"):
+        state.update(read_safetensors(folder / info["adapter"]))
+    return state, clip_spec, clip_folder
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load(path, device=None, dtype=None) -> Loaded:
+    """Load a lav2 model folder: the model (eval mode, frozen), tokenizer, image preprocess and config."""
+    folder = Path(path)
+    info = read_folder_info(folder)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or default_dtype(device)
+    try:
+        config = Config.from_dict(info["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise Lav2Error(f"{folder / CONFIG_FILE}: bad model config ({e})") from None
+    state, clip_spec, clip_folder = collect_weights(folder, info)
+    expected = {k: v for k, v in meta_model(config).state_dict().items() if not k.startswith("visual.clip.")}
+    check_state(state, expected, f"{folder}")
+    with torch.device("meta"):
+        model = LLaMAAdapter(config)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=False)
+    model.init_rope(device)
+    model.to(device)
+    preprocess = None
+    if config.visual_len:
+        if clip_spec is None:
+            raise Lav2Error(f"{folder}: the model has a visual branch but the folder names no CLIP")
+        model.visual.clip, transform = load_clip(clip_spec, clip_folder, device)
+        model.visual.clip.to(dtype)
+        preprocess = make_preprocess(transform, bgr=config.bgr)
+    model.requires_grad_(False).eval()
+    tokenizer = Tokenizer(folder / TOKENIZER_FILE)
+    return Loaded(model=model, tokenizer=tokenizer, preprocess=preprocess, config=config, folder=folder, info=info)
+
+
+def make_preprocess(transform: Callable, *, bgr: bool) -> Callable:
+    """PIL image (any mode) -> tensor; BGR layouts swap the channels first, as cv2.imread fed the release."""
+    from PIL import Image
+
+    def preprocess(image: "Image.Image") -> torch.Tensor:
+        image = image.convert("RGB")
+        if bgr:
+            image = Image.merge("RGB", image.split()[::-1])
+        return transform(image)
+
+    return preprocess

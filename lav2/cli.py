@@ -1,0 +1,97 @@
+"""The `lav2` command: a thin layer over library functions. Known errors become one line and exit code 1."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from lav2.errors import Lav2Error
+
+
+class Lav2Group(click.Group):
+    """Turns Lav2Error into `error: <message>` on stderr and exit 1; Ctrl-C into exit 130. Never a traceback
+    for bad input (bugs still show theirs)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except Lav2Error as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=Lav2Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="lav2")
+def main():
+    """Download, fine-tune, merge and chat with LLaMA-Adapter V2 on one GPU."""
+
+
+@main.command()
+@click.argument("source", required=False)
+@click.option("--out", type=click.Path(path_type=Path), help="Model folder to write (default: $LAV2_HOME/NAME).")
+@click.option("--adapter", help="An official LLaMA-Adapter V2 .pth file (or registry adapter name) to add.")
+@click.option("--clip", type=click.Path(path_type=Path), help="Folder with open_clip_config.json and "
+              "open_clip_model.safetensors (the CLIP of the adapter).")
+@click.option("--token", envvar="HF_TOKEN", help="Hugging Face token for gated repos (default: $HF_TOKEN).")
+@click.option("--list", "list_models", is_flag=True, help="List the registry names and exit.")
+def download(source, out, adapter, clip, token, list_models):
+    """Make a lav2 model folder from SOURCE: a registry name (7b, 7b-lora, llama-7b ...), a Hugging Face
+    repo id, or a local Meta / Hugging Face LLaMA folder."""
+    from lav2 import download as dl
+
+    if list_models:
+        from rich.console import Console
+
+        Console().print(dl.format_model_table())
+        return
+    if not source:
+        raise Lav2Error("give a SOURCE: a registry name (see `lav2 download --list`), a repo id or a folder")
+    folder = dl.download(source, out=out, adapter=adapter, clip=clip, token=token)
+    click.echo(f"model folder ready: {folder}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe value, e.g. --set train.steps=100 (repeatable).")
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder (overrides the recipe's).")
+@click.option("--resume", is_flag=True, help="Continue the run in the output folder from its last checkpoint.")
+def finetune(recipe, overrides, out, resume):
+    """Fine-tune a model as RECIPE (a YAML file) says; writes a lav2 model folder."""
+    from lav2 import finetune as ft
+
+    ft.run(recipe, overrides=list(overrides), out=out, resume=resume)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The merged model folder to write.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="dtype of the saved weights (default: that of the base).")
+def merge(run_dir, out, dtype):
+    """Fold bias, scale and LoRA of RUN_DIR into its base weights: one self-contained, faster model folder."""
+    from lav2 import checkpoint
+
+    folder = checkpoint.merge(run_dir, out=out, dtype=dtype)
+    click.echo(f"merged model folder: {folder}")
+
+
+@main.command()
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model folder (default: "
+              "$LAV2_HOME/7b).")
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="Image to talk about.")
+@click.option("--prompt", help="Answer this one prompt and exit.")
+def chat(model_dir, images, prompt):
+    """Chat with a model about an image in the terminal."""
+    from lav2 import chat as chat_mod
+
+    chat_mod.run(model_dir=model_dir, images=list(images), prompt=prompt)
+
+
+if __name__ == "__main__":
+    main()

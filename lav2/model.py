@@ -1,0 +1,651 @@
+"""LLaMA-Adapter V2 (Gao et al., arXiv 2304.15010) in one file.
+
+A frozen LLaMA made into a visual instruction model by a few trainable parts:
+
+- bias tuning: every chosen linear computes  y = scale * (W x + bias)  (+ LoRA in some released files);
+  W is frozen, bias starts at 0 and scale at 1, so the model starts as the base model exactly;
+- gated adapter prompts: the top `adapter_layers` layers own `adapter_len` learned tokens, attended to
+  through a separate softmax whose output is multiplied by tanh(gate), one zero-initialised gate per head;
+- a visual branch: frozen open_clip ViT -> trainable projection and resampler -> `visual_len` tokens that
+  reach the language model as prompts: "early" fusion (the paper) feeds them to the first `visual_layers`
+  layers; "add" fusion (the official release) adds them to every adapter layer's prompt;
+- two disjoint parameter groups, "visual" and "language", so caption and instruction data train apart.
+
+Notation in shape comments:
+    B batch, T tokens in this forward, S tokens in the KV cache, P prompt tokens,
+    H query heads, K key/value heads, D head dim, C model width (dim), V vocabulary,
+    N visual tokens, E visual width.
+
+This file holds no file paths, tokenizer or sampling; see checkpoint.py, tokenizer.py, generate.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+# --- 1. Config ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    # the base LLaMA
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: Optional[int] = None  # None: same as n_heads (LLaMA-1/2 7B, 13B)
+    vocab_size: int = 32000
+    hidden_dim: Optional[int] = None  # SwiGLU width; None: Meta's rule from multiple_of
+    multiple_of: int = 256
+    ffn_dim_multiplier: Optional[float] = None
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    # bias tuning and LoRA on the linears of every block
+    bias_targets: tuple[str, ...] = ()
+    scale_targets: tuple[str, ...] = ()
+    lora_rank: int = 0  # 0: no LoRA. LoRA is W x + B(A x), no scaling, on all seven linears
+    new_gate: bool = False  # an extra scalar on the prompt output (init 1, no tanh), as in the LoRA releases
+    # gated adapter prompts in the top layers
+    adapter_len: int = 0
+    adapter_layers: int = 0
+    # the visual branch
+    visual_len: int = 0  # 0: a text-only model
+    fusion: str = "early"  # "early": own prompts in the first visual_layers; "add": added to adapter prompts
+    visual_layers: int = 0  # layers that receive visual prompts with early fusion
+    clip_dim: int = 768  # width of the CLIP tokens after ln_post and proj
+    visual_dim: int = 768
+    visual_depth: int = 8
+    visual_heads: int = 16
+    visual_mlp_ratio: float = 4.0
+    bgr: bool = False  # the official release read images with cv2, so its visual branch expects BGR
+
+    def __post_init__(self):
+        self.bias_targets, self.scale_targets = tuple(self.bias_targets), tuple(self.scale_targets)
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.hidden_dim is None:
+            hidden = int(2 * 4 * self.dim / 3)
+            if self.ffn_dim_multiplier is not None:
+                hidden = int(self.ffn_dim_multiplier * hidden)
+            self.hidden_dim = self.multiple_of * math.ceil(hidden / self.multiple_of)
+        problems = []
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            problems.append(f"dim {self.dim}, n_heads {self.n_heads}, n_kv_heads {self.n_kv_heads} do not divide")
+        for name in (*self.bias_targets, *self.scale_targets):
+            if name not in LINEARS:
+                problems.append(f"unknown linear {name!r} (choose from {', '.join(LINEARS)})")
+        if self.fusion not in ("early", "add"):
+            problems.append(f"fusion must be 'early' or 'add', not {self.fusion!r}")
+        if not 0 <= self.adapter_layers <= self.n_layers or not 0 <= self.visual_layers <= self.n_layers:
+            problems.append("adapter_layers and visual_layers must be between 0 and n_layers")
+        if self.visual_len and self.fusion == "add" and (self.adapter_layers == 0 or self.visual_len != self.adapter_len):
+            problems.append("'add' fusion adds the visual tokens to the adapter prompts: needs visual_len == adapter_len > 0")
+        if self.visual_len and self.fusion == "early" and self.visual_layers == 0:
+            problems.append("'early' fusion needs visual_layers > 0")
+        if self.fusion == "early" and self.visual_len and self.visual_layers + self.adapter_layers > self.n_layers:
+            problems.append("with 'early' fusion the visual and the adapter layers must not overlap")
+        if self.visual_len and self.visual_dim % self.visual_heads:
+            problems.append(f"visual_dim {self.visual_dim} is not a multiple of visual_heads {self.visual_heads}")
+        if problems:
+            raise ValueError("bad model config: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def has_prompts(self) -> bool:
+        return self.adapter_layers > 0 or self.visual_len > 0
+
+    def prompt_layers(self) -> dict[int, str]:
+        """Which layers receive a prompt: layer index -> "adapter" or "visual"."""
+        kinds = {i: "adapter" for i in range(self.n_layers - self.adapter_layers, self.n_layers)}
+        if self.visual_len and self.fusion == "early":
+            kinds.update({i: "visual" for i in range(self.visual_layers)})
+        return kinds
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> "Config":
+        if name not in PRESETS:
+            raise KeyError(f"unknown model preset {name!r}; presets: {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["bias_targets"], d["scale_targets"] = list(self.bias_targets), list(self.scale_targets)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    def base(self) -> "Config":
+        """The same LLaMA with nothing added."""
+        return replace(self, bias_targets=(), scale_targets=(), lora_rank=0, new_gate=False, adapter_len=0,
+                       adapter_layers=0, visual_len=0, visual_layers=0, bgr=False)
+
+    def with_layout(self, layout: "Config") -> "Config":
+        """This config's LLaMA dims with the adapter switches of `layout` (a preset made for another size)."""
+        base_fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "multiple_of",
+                       "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len")
+        layers = dict(adapter_layers=min(layout.adapter_layers, self.n_layers),
+                      visual_layers=min(layout.visual_layers, self.n_layers))
+        if layout.fusion == "add" and layout.adapter_layers == layout.n_layers - 1:
+            layers["adapter_layers"] = self.n_layers - 1  # the release's "all but the first layer"
+        if layout.fusion == "early" and layout.visual_len:
+            layers["adapter_layers"] = min(layers["adapter_layers"], self.n_layers - layers["visual_layers"])
+        return replace(layout, **{f: getattr(self, f) for f in base_fields}, **layers)
+
+
+LLAMA_7B = dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, norm_eps=1e-6)
+LLAMA_13B = dict(dim=5120, n_layers=40, n_heads=40, vocab_size=32000, multiple_of=256, norm_eps=1e-6)
+LLAMA2 = dict(norm_eps=1e-5, max_seq_len=4096)
+TINY = dict(dim=64, n_layers=4, n_heads=4, vocab_size=320, multiple_of=16, max_seq_len=256)
+TINY_CLIP = dict(clip_dim=32, visual_dim=32, visual_depth=2, visual_heads=4)
+# the release's 16 visual heads (shapes cannot tell the head count, so an imported file gets the preset's)
+TINY_OFFICIAL_VISUAL = dict(clip_dim=32, visual_dim=64, visual_depth=2, visual_heads=16, adapter_len=4,
+                            adapter_layers=3, visual_len=4)
+
+# The official release (OpenGVLab/LLaMA-Adapter, llama_adapter_v2_multimodal7b): biases on wq, wo, w1, w2, w3
+# and no scale; 10 prompt tokens in each of the top 31 layers; a resampler of 10 queries and 8 ViT blocks
+# (768 wide, 16 heads) whose output is added to every layer's prompt; LoRA rank 16 with `new_gate`; BGR input.
+OFFICIAL = dict(bias_targets=("wq", "wo", "w1", "w2", "w3"), adapter_len=10, adapter_layers=31, visual_len=10,
+                fusion="add", clip_dim=768, visual_dim=768, visual_depth=8, visual_heads=16, bgr=True,
+                max_seq_len=512)
+OFFICIAL_LORA = dict(OFFICIAL, lora_rank=16, new_gate=True)
+# The paper's layout, our training default: bias and scale on all seven linears, adapter prompts in the top
+# 30 layers (as LLaMA-Adapter V1) and the visual prompts fed early, into the first layer only.
+PAPER = dict(bias_targets=LINEARS, scale_targets=LINEARS, adapter_len=10, adapter_layers=30, visual_len=10,
+             fusion="early", visual_layers=1, clip_dim=768, visual_dim=768, visual_depth=8, visual_heads=16,
+             max_seq_len=512)
+
+PRESETS: dict[str, dict] = {
+    "tiny": TINY,
+    "tiny-paper": dict(PAPER, **TINY, **TINY_CLIP, adapter_len=4, adapter_layers=3, visual_len=4, visual_layers=1),
+    "tiny-official": dict(OFFICIAL, **TINY, **TINY_OFFICIAL_VISUAL),
+    "tiny-official-lora": dict(OFFICIAL_LORA, **TINY, **TINY_OFFICIAL_VISUAL, lora_rank=4),
+    "llama-7b": LLAMA_7B,
+    "llama-13b": LLAMA_13B,
+    "llama2-7b": dict(LLAMA_7B, **LLAMA2),
+    "llama2-13b": dict(LLAMA_13B, **LLAMA2),
+    "paper-7b": dict(LLAMA_7B, **PAPER),
+    "official-bias-7b": dict(LLAMA_7B, **OFFICIAL),
+    "official-lora-bias-7b": dict(LLAMA_7B, **OFFICIAL_LORA),
+    "official-caption-7b": dict(LLAMA_7B, **OFFICIAL),
+    "official-lora-bias-7b-v21": dict(LLAMA_7B, **OFFICIAL_LORA),
+}
+
+# --- 2. Pieces ---------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def precompute_freqs_cis(head_dim: int, max_len: int, theta: float, device=None) -> torch.Tensor:
+    """RoPE angles as (max_len, D/2, 2) cos/sin pairs: Meta's complex rotation written in real numbers."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of x (B, T, H, D) by freqs_cis (T, D/2, 2)."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, D/2, 2)
+    cos, sin = freqs_cis[:, None, :, 0], freqs_cis[:, None, :, 1]  # (T, 1, D/2)
+    real = pairs[..., 0] * cos - pairs[..., 1] * sin
+    imag = pairs[..., 0] * sin + pairs[..., 1] * cos
+    return torch.stack([real, imag], dim=-1).flatten(-2).type_as(x)
+
+
+class AdapterLinear(nn.Module):
+    """A frozen linear W with the trainable extras of bias tuning: y = scale * (W x + bias + B(A x)).
+
+    `quantized`, when set (8-bit or int8 weight-only), replaces W's matmul; `weight` is then dropped.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool, scale: bool, lora_rank: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.scale = nn.Parameter(torch.ones(out_features)) if scale else None
+        self.lora_a = nn.Parameter(torch.empty(lora_rank, in_features)) if lora_rank else None
+        self.lora_b = nn.Parameter(torch.zeros(out_features, lora_rank)) if lora_rank else None
+        if lora_rank:  # A random, B zero: LoRA starts as a no-op (nn.Linear's own init for A, as the release)
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.quantized: Optional[nn.Module] = None
+
+    def frozen(self, x: torch.Tensor) -> torch.Tensor:
+        """W x alone: the base model's matmul (prompt keys and values use only this)."""
+        if self.quantized is not None:
+            return self.quantized(x)
+        return F.linear(x, self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quantized is not None:
+            y = self.quantized(x)
+            y = y if self.bias is None else y + self.bias
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        if self.lora_a is not None:
+            y = y + F.linear(F.linear(x, self.lora_a), self.lora_b)
+        if self.scale is not None:
+            y = y * self.scale
+        return y
+
+    @torch.no_grad()
+    def fold_(self) -> None:
+        """Fold scale and LoRA into W and bias: W' = diag(s)(W + B A), b' = s * b; leaves only W and b."""
+        weight = self.weight.float()
+        if self.lora_a is not None:
+            weight = weight + self.lora_b.float() @ self.lora_a.float()
+        if self.scale is not None:
+            weight = weight * self.scale.float()[:, None]
+            if self.bias is not None:
+                self.bias.mul_(self.scale)
+        self.weight.data = weight.to(self.weight.dtype)
+        self.scale = self.lora_a = self.lora_b = None
+
+    def extra_repr(self) -> str:
+        out_features, in_features = self.weight.shape if self.weight is not None else ("?", "?")
+        return (f"{in_features} -> {out_features}, bias={self.bias is not None}, scale={self.scale is not None}, "
+                f"lora_rank={0 if self.lora_a is None else self.lora_a.shape[0]}")
+
+
+# --- 3. KV cache -------------------------------------------------------------------------------------------
+
+
+class KVCache(nn.Module):
+    """Keys and values of the tokens seen so far, plus the keys/values of this layer's prompt.
+
+    The prompt's keys/values depend only on the prompt (learned tokens and the image), so they are computed
+    once per conversation, at the forward that starts at position 0, and reused for every later token.
+    """
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, *, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.prompt_k: Optional[torch.Tensor] = None  # (B or 1, K, P, D)
+        self.prompt_v: Optional[torch.Tensor] = None
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, K, T, D) at input_pos (T,); return the cache up to the last written position."""
+        self.k_cache[: k.shape[0], :, input_pos] = k
+        self.v_cache[: v.shape[0], :, input_pos] = v
+        end = int(input_pos[-1]) + 1
+        return self.k_cache[: k.shape[0], :, :end], self.v_cache[: v.shape[0], :, :end]
+
+    def reset(self) -> None:
+        self.k_cache.zero_()
+        self.v_cache.zero_()
+        self.prompt_k = self.prompt_v = None
+
+
+# --- 4. Transformer layers ---------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        kv_dim = config.n_kv_heads * config.head_dim
+        shapes = dict(wq=(config.dim, config.dim), wk=(config.dim, kv_dim), wv=(config.dim, kv_dim),
+                      wo=(config.dim, config.dim))
+        for name, (fan_in, fan_out) in shapes.items():
+            setattr(self, name, AdapterLinear(fan_in, fan_out, bias=name in config.bias_targets,
+                                              scale=name in config.scale_targets, lora_rank=config.lora_rank))
+        # Every layer of an adapter model owns a gate, as the release does (its files hold one per layer);
+        # a layer that receives no prompt never reads its gate and param_groups leaves it frozen.
+        self.gate = nn.Parameter(torch.zeros(1, config.n_heads, 1, 1)) if config.has_prompts else None
+        self.new_gate = nn.Parameter(torch.ones(1, 1, 1, 1)) if config.new_gate else None
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
+                prompt: Optional[torch.Tensor] = None) -> torch.Tensor:
+        B, T, C = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H or K, T, D)
+
+        if input_pos is None:  # training or a plain forward: the whole sequence at once
+            out = self._attend(q, k, v, causal=True)
+        else:  # KV-cache inference: T new tokens at positions input_pos
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, K, S, D)
+            mask = None
+            if T > 1:  # several new tokens: each sees the cache up to its own position
+                mask = torch.arange(k.shape[2], device=x.device)[None, :] <= input_pos[:, None]  # (T, S)
+            out = self._attend(q, k, v, mask=mask)
+
+        prompt_kv = self._prompt_kv(prompt, B)
+        if prompt_kv is not None:
+            # The prompt gets its own softmax (no mask, no RoPE), scaled by the zero-initialised tanh(gate).
+            prompt_out = self._attend(q, *prompt_kv) * self.gate.tanh().to(q.dtype)  # (B, H, T, D)
+            if self.new_gate is not None:
+                prompt_out = prompt_out * self.new_gate.to(q.dtype)
+            out = out + prompt_out
+        return self.wo(out.transpose(1, 2).reshape(B, T, C))
+
+    def _prompt_kv(self, prompt: Optional[torch.Tensor], batch: int):
+        """Keys/values of the prompt from the frozen wk/wv alone; cached when decoding with a KV cache."""
+        if prompt is None:
+            return None if self.kv_cache is None or self.kv_cache.prompt_k is None else (
+                self.kv_cache.prompt_k, self.kv_cache.prompt_v)
+        Bp, P, C = prompt.shape
+        pk = self.wk.frozen(prompt).view(Bp, P, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (Bp, K, P, D)
+        pv = self.wv.frozen(prompt).view(Bp, P, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        pk, pv = pk.expand(batch, -1, -1, -1), pv.expand(batch, -1, -1, -1)
+        if self.kv_cache is not None and not torch.is_grad_enabled():
+            self.kv_cache.prompt_k, self.kv_cache.prompt_v = pk, pv
+        return pk, pv
+
+    def _attend(self, q, k, v, *, causal: bool = False, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.n_kv_heads != self.n_heads:  # grouped-query attention: share each K/V head among H/K heads
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and q.shape[2] > 1)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        shapes = dict(w1=(config.dim, config.hidden_dim), w2=(config.hidden_dim, config.dim),
+                      w3=(config.dim, config.hidden_dim))
+        for name, (fan_in, fan_out) in shapes.items():
+            setattr(self, name, AdapterLinear(fan_in, fan_out, bias=name in config.bias_targets,
+                                              scale=name in config.scale_targets, lora_rank=config.lora_rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+
+    def forward(self, x, freqs_cis, input_pos=None, prompt=None):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, input_pos, prompt)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+# --- 5. Visual branch --------------------------------------------------------------------------------------
+
+
+def build_clip_visual(clip_config: dict) -> nn.Module:
+    """open_clip's vision tower from an open_clip model config (the kwargs of open_clip.CLIP), on the current
+    default device (build under torch.device("meta") and load weights with assign=True)."""
+    import open_clip  # lazily: a text-only model never needs it
+
+    return open_clip.CLIP(**clip_config).visual
+
+
+def encode_clip_tokens(clip: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """All 1 + grid^2 tokens of the frozen CLIP tower after ln_post and proj, as the official release uses
+    them (open_clip's own `output_tokens` drops the class token and skips proj). (B, 3, H, W) -> (B, N, clip_dim)"""
+    x = clip.conv1(images.to(clip.conv1.weight.dtype))  # (B, width, grid, grid)
+    x = x.flatten(2).transpose(1, 2)  # (B, grid^2, width)
+    cls = clip.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+    x = torch.cat([cls, x], dim=1) + clip.positional_embedding.to(x.dtype)
+    x = clip.transformer(clip.ln_pre(x))
+    return clip.ln_post(x) @ clip.proj
+
+
+class VisualAttention(nn.Module):
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, E = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.n_heads, E // self.n_heads).permute(2, 0, 3, 1, 4)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, E))
+
+
+class VisualMlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class VisualBlock(nn.Module):
+    """A pre-norm ViT block (timm's Block as the release used it: qkv bias, exact GELU, LayerNorm eps 1e-5)."""
+
+    def __init__(self, dim: int, n_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = VisualAttention(dim, n_heads)
+        self.mlp = VisualMlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisualBranch(nn.Module):
+    """Image -> frozen CLIP tokens -> trainable resampler -> (B, visual_len, dim) visual prompt tokens."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.clip: Optional[nn.Module] = None  # frozen open_clip tower, attached by the loader
+        self.clip_proj = nn.Linear(config.clip_dim, config.visual_dim)
+        self.clip_proj_norm = nn.LayerNorm(config.visual_dim)
+        self.visual_query = nn.Parameter(torch.randn(config.visual_len, config.visual_dim) * 0.02)
+        self.visual_blocks = nn.ModuleList(
+            VisualBlock(config.visual_dim, config.visual_heads, config.visual_mlp_ratio)
+            for _ in range(config.visual_depth))
+        self.visual_proj = nn.Linear(config.visual_dim, config.dim)
+        self.visual_proj_norm = nn.LayerNorm(config.dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.clip is None:
+            raise RuntimeError("the visual branch has no CLIP tower: load the model with lav2.load()")
+        with torch.no_grad():  # CLIP stays frozen
+            tokens = encode_clip_tokens(self.clip, images)  # (B, N, clip_dim)
+        dtype = self.clip_proj.weight.dtype
+        x = self.clip_proj_norm(self.clip_proj(tokens.to(dtype)))  # (B, N, E)
+        queries = self.visual_query.expand(x.shape[0], -1, -1)  # (B, visual_len, E)
+        x = torch.cat([queries, x], dim=1)
+        for block in self.visual_blocks:
+            x = block(x)
+        return self.visual_proj_norm(self.visual_proj(x[:, : queries.shape[1]]))  # (B, visual_len, C)
+
+
+# --- 6. The model ------------------------------------------------------------------------------------------
+
+
+class LLaMAAdapter(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        for frozen in (self.tok_embeddings.weight, self.output.weight):
+            frozen.requires_grad_(False)
+        self.adapter_query = (nn.Parameter(torch.randn(config.adapter_layers, config.adapter_len, config.dim) * 0.02)
+                              if config.adapter_layers and config.adapter_len else None)
+        self.visual = VisualBranch(config) if config.visual_len else None
+        # non-persistent: rebuilt, not loaded (after a meta-device build call init_rope)
+        self.register_buffer("freqs_cis", precompute_freqs_cis(config.head_dim, config.max_seq_len,
+                                                               config.rope_theta), persistent=False)
+        self.gradient_checkpointing = False
+
+    def init_rope(self, device=None) -> None:
+        c = self.config
+        self.freqs_cis = precompute_freqs_cis(c.head_dim, c.max_seq_len, c.rope_theta, device=device)
+
+    def setup_cache(self, batch_size: int, max_seq_len: Optional[int] = None, *, device=None, dtype=None) -> None:
+        """Preallocate a KV cache per layer for decoding; forward(..., input_pos=...) then uses it."""
+        max_seq_len = max_seq_len or self.config.max_seq_len
+        if max_seq_len > self.freqs_cis.shape[0]:
+            raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {self.freqs_cis.shape[0]} positions")
+        device = device or self.tok_embeddings.weight.device
+        dtype = dtype or self.output.weight.dtype
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch_size, self.config.n_kv_heads, max_seq_len,
+                                               self.config.head_dim, dtype=dtype, device=device)
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    def layer_prompts(self, visual_tokens: Optional[torch.Tensor]) -> dict[int, torch.Tensor]:
+        """The prompt each layer attends to: layer index -> (B or 1, P, C)."""
+        prompts, kinds = {}, self.config.prompt_layers()
+        adapter_layers = [i for i, kind in sorted(kinds.items()) if kind == "adapter"]
+        for j, i in enumerate(adapter_layers):
+            prompt = self.adapter_query[j][None]  # (1, adapter_len, C)
+            if self.config.fusion == "add" and visual_tokens is not None:
+                prompt = prompt + visual_tokens  # (B, P, C): one image adds to every adapter layer
+            prompts[i] = prompt
+        if visual_tokens is not None and self.config.fusion == "early":
+            prompts.update({i: visual_tokens for i, kind in kinds.items() if kind == "visual"})
+        return prompts
+
+    def forward(self, tokens: torch.Tensor, images: Optional[torch.Tensor] = None, *,
+                image_mask: Optional[torch.Tensor] = None, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (B, T, V) in float32 for tokens (B, T).
+
+        images (B, 3, H, W): preprocessed images; rows where image_mask (B,) is False get no visual prompt.
+        input_pos (T,): positions of these tokens when decoding with the KV cache (see setup_cache). The prompts
+        are computed by the forward that starts at position 0 and cached for the later ones.
+        """
+        B, T = tokens.shape
+        if input_pos is not None and torch.is_grad_enabled():
+            raise RuntimeError("KV-cache decoding (input_pos) runs without gradients: use torch.no_grad()")
+        starts_sequence = input_pos is None or int(input_pos[0]) == 0
+        if images is not None and not starts_sequence:
+            raise ValueError("images can only be given to the forward that starts at position 0")
+        if images is not None and self.visual is None:
+            raise ValueError("this model has no visual branch (a text-only model): do not pass images")
+
+        prompts: dict[int, torch.Tensor] = {}
+        if starts_sequence and self.config.has_prompts:
+            visual_tokens = None
+            if images is not None:
+                visual_tokens = self.visual(images)  # (B, visual_len, C)
+                if image_mask is not None:  # rows without an image add nothing (prompt K/V have no bias)
+                    visual_tokens = visual_tokens * image_mask.to(visual_tokens.dtype)[:, None, None]
+            prompts = self.layer_prompts(visual_tokens)
+
+        h = self.tok_embeddings(tokens)  # (B, T, C)
+        freqs_cis = self.freqs_cis[:T] if input_pos is None else self.freqs_cis[input_pos]  # (T, D/2, 2)
+        for i, layer in enumerate(self.layers):
+            prompt = prompts.get(i)
+            if prompt is not None:
+                prompt = prompt.to(h.dtype)
+            if self.gradient_checkpointing and self.training:
+                h = checkpoint(layer, h, freqs_cis, input_pos, prompt, use_reentrant=False)
+            else:
+                h = layer(h, freqs_cis, input_pos, prompt)
+        return self.output(self.norm(h)).float()  # (B, T, V)
+
+
+# --- 7. What trains ----------------------------------------------------------------------------------------
+
+
+def param_groups(model: LLaMAAdapter) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """The two disjoint groups of trainable parameters, as (name, parameter) lists.
+
+    "visual": what carries the image (the resampler, and the gates through which the visual prompts enter).
+    "language": what follows instructions (bias, scale, LoRA, norms, and the adapter prompts of the late layers).
+    With "add" fusion the adapter prompts and gates carry the image too, so they join the visual group: this is
+    the split of the release's two phases (pretrain: gates, prompts, visual; finetune: biases and norms).
+    """
+    config, named = model.config, dict(model.named_parameters())
+    visual, language = [], []
+    if model.visual is not None:
+        visual += [f"visual.{n}" for n, _ in model.visual.named_parameters() if not n.startswith("clip.")]
+    for i, kind in config.prompt_layers().items():
+        gates = [f"layers.{i}.attention.{g}" for g in ("gate", "new_gate") if f"layers.{i}.attention.{g}" in named]
+        (visual if kind == "visual" or config.fusion == "add" else language).extend(gates)
+    if model.adapter_query is not None:
+        (visual if config.fusion == "add" and config.visual_len else language).append("adapter_query")
+    for i, layer in enumerate(model.layers):
+        for module_name, module in layer.named_modules():
+            if isinstance(module, AdapterLinear):
+                language += [f"layers.{i}.{module_name}.{p}" for p in ("bias", "scale", "lora_a", "lora_b")
+                             if getattr(module, p) is not None]
+        language += [f"layers.{i}.attention_norm.weight", f"layers.{i}.ffn_norm.weight"]
+    language.append("norm.weight")
+    return {"visual": [(n, named[n]) for n in visual], "language": [(n, named[n]) for n in language]}
+
+
+def mark_trainable(model: LLaMAAdapter, groups: tuple[str, ...] = ("visual", "language")) -> None:
+    """requires_grad on the parameters of `groups`, off everywhere else (base, CLIP, unused gates)."""
+    model.requires_grad_(False)
+    for group, params in param_groups(model).items():
+        if group in groups:
+            for _, p in params:
+                p.requires_grad_(True)
+
+
+def base_parameter_names(model: LLaMAAdapter) -> set[str]:
+    """The frozen LLaMA matrices: embeddings, every AdapterLinear's weight, the output head."""
+    names = {"tok_embeddings.weight", "output.weight"}
+    for i, layer in enumerate(model.layers):
+        names |= {f"layers.{i}.{n}.weight" for n, m in layer.named_modules() if isinstance(m, AdapterLinear)}
+    return names
+
+
+def adapter_state_dict(model: LLaMAAdapter) -> dict[str, torch.Tensor]:
+    """Everything but the frozen LLaMA matrices and CLIP: what an adapter file stores (norms included)."""
+    base = base_parameter_names(model)
+    return {n: t for n, t in model.state_dict().items() if n not in base and not n.startswith("visual.clip.")}
+
+
+def fold_adapters_(model: LLaMAAdapter) -> None:
+    """Fold every scale and LoRA into the frozen weights (biases stay): same logits, fewer ops per linear."""
+    for module in model.modules():
+        if isinstance(module, AdapterLinear):
+            module.fold_()
+    model.config = replace(model.config, scale_targets=(), lora_rank=0)
+
+
+def count_params(model: LLaMAAdapter) -> dict[str, int]:
+    """Parameter counts: the base LLaMA (its matrices and norms), the adapter file, each group, CLIP."""
+    groups, named = param_groups(model), dict(model.named_parameters())
+    norms = {n for n, m in model.named_modules() if isinstance(m, RMSNorm)}
+    base = base_parameter_names(model) | {f"{n}.weight" for n in norms}
+    adapter = adapter_state_dict(model)
+    return {
+        "base": sum(named[n].numel() for n in base),
+        "adapter_tensors": len(adapter),
+        "adapter": sum(t.numel() for t in adapter.values()),
+        "visual": sum(p.numel() for _, p in groups["visual"]),
+        "language": sum(p.numel() for _, p in groups["language"]),
+        "clip": sum(p.numel() for n, p in named.items() if n.startswith("visual.clip.")),
+    }

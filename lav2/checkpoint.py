@@ -33,8 +33,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lav2.errors import Lav2Error
-from lav2.model import (LINEARS, Config, LLaMAAdapter, PRESETS, adapter_state_dict, base_parameter_names,
-                        build_clip_visual, fold_adapters_)
+from lav2.model import (LINEARS, AdapterLinear, Config, LLaMAAdapter, PRESETS, adapter_state_dict,
+                        base_parameter_names, build_clip_visual, fold_linear, merged_config)
 from lav2.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -150,6 +150,12 @@ def official_to_lav2(state: dict[str, torch.Tensor], config: Config) -> dict[str
     return out
 
 
+def biased_linears(state: dict[str, torch.Tensor], n_layers: int) -> tuple[str, ...]:
+    """The linears that carry a bias in most layers: a stray or lost key then shows as unexpected or missing."""
+    counts = {t: sum(bool(re.fullmatch(rf"llama\.layers\.\d+\.\w+\.{t}\.bias", k)) for k in state) for t in LINEARS}
+    return tuple(t for t in LINEARS if counts[t] * 2 > n_layers)
+
+
 def official_layout(state: dict[str, torch.Tensor], meta: dict, name: str, base: Config) -> tuple[str, Config]:
     """Pick the official layout from the file's config and keys; sizes come from the tensor shapes, the
     visual blocks' head count (which shapes cannot tell) from the preset."""
@@ -160,15 +166,15 @@ def official_layout(state: dict[str, torch.Tensor], meta: dict, name: str, base:
     for key in ("adapter_query.weight", "visual_query.weight", "clip_proj.weight"):
         if key not in state:
             raise Lav2Error(f"{name}: not an official LLaMA-Adapter V2 multimodal checkpoint (no {key})")
-    stem = Path(name).stem.split("_", 1)[-1].lower()
-    layout = f"official-{stem}" if f"official-{stem}" in PRESETS else (
+    # the release's names (BIAS-7B, CAPTION-7B, ...) pick the preset when the keys agree with it
+    named = f"official-{Path(name).stem.split('_', 1)[-1].lower()}"
+    layout = named if named in PRESETS and (PRESETS[named].get("lora_rank", 0) > 0) == has_lora else (
         "official-lora-bias-7b" if has_lora else "official-bias-7b")
     adapter_len, visual_dim = state["visual_query.weight"].shape
     lora_a = state.get("llama.layers.0.attention.lora_wq_l1.weight")
     try:
         config = replace(
-            base, bias_targets=tuple(t for t in LINEARS if any(re.fullmatch(rf"llama\.layers\.\d+\.\w+\.{t}\.bias", k)
-                                                                for k in state)),
+            base, bias_targets=biased_linears(state, base.n_layers),
             scale_targets=(), lora_rank=0 if lora_a is None else lora_a.shape[0], new_gate=has_lora,
             adapter_len=adapter_len, adapter_layers=state["adapter_query.weight"].shape[0] // adapter_len,
             visual_len=adapter_len, fusion="add", visual_layers=0, bgr=True,
@@ -506,3 +512,42 @@ def make_preprocess(transform: Callable, *, bgr: bool) -> Callable:
         return transform(image)
 
     return preprocess
+
+
+# --- merge -------------------------------------------------------------------------------------------------
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def merge(run_dir, *, out, dtype: Optional[str] = None) -> Path:
+    """Fold every scale and LoRA of a model folder into its base matrices and write one self-contained folder:
+    the folded base, and an adapter file with what cannot fold (prompts, gates, biases, norms, visual branch).
+    Works tensor by tensor on the state dicts, so a 7B merge needs no float32 copy of the model."""
+    run_dir, out = Path(run_dir), Path(out)
+    info = read_folder_info(run_dir)
+    config = Config.from_dict(info["config"])
+    state, clip_spec, clip_folder = collect_weights(run_dir, info)
+    model = meta_model(config)
+    check_state(state, {k: v for k, v in model.state_dict().items() if not k.startswith("visual.clip.")}, f"{run_dir}")
+    merged = merged_config(config)
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLinear):
+            foldable = ("scale",) + (() if name.rsplit(".", 1)[-1] in merged.lora_targets else ("lora_a", "lora_b"))
+            extras = {p: state.pop(f"{name}.{p}", None) for p in foldable}
+            bias_key = f"{name}.bias"
+            state[f"{name}.weight"], bias = fold_linear(state[f"{name}.weight"], state.get(bias_key), **extras)
+            if bias is not None:
+                state[bias_key] = bias
+    base_names = base_state_names(meta_model(merged))
+    base_dtype = DTYPES[dtype] if dtype else state["tok_embeddings.weight"].dtype
+    base = {k: v.to(base_dtype) for k, v in state.items() if k in base_names}
+    adapter = {k: v for k, v in state.items() if k not in base_names}
+    clip_weights = None
+    if clip_spec is not None and "weights" in clip_spec:
+        clip_weights = read_safetensors(clip_folder / clip_spec["weights"])
+        clip_spec = {**clip_spec, "weights": CLIP_FILE}
+    with atomic_folder(out) as tmp:
+        write_folder(tmp, config=merged, layout=info.get("layout", "llama"), tokenizer=run_dir / TOKENIZER_FILE,
+                     base_weights=base, adapter=adapter, clip_spec=clip_spec, clip_weights=clip_weights,
+                     prompt_style=info.get("prompt_style", "chat"), source=dict(merged_from=str(run_dir.resolve())))
+    return out

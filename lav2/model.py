@@ -52,7 +52,8 @@ class Config:
     # bias tuning and LoRA on the linears of every block
     bias_targets: tuple[str, ...] = ()
     scale_targets: tuple[str, ...] = ()
-    lora_rank: int = 0  # 0: no LoRA. LoRA is W x + B(A x), no scaling, on all seven linears
+    lora_rank: int = 0  # 0: no LoRA. LoRA is W x + B(A x), no scaling
+    lora_targets: tuple[str, ...] = LINEARS
     new_gate: bool = False  # an extra scalar on the prompt output (init 1, no tanh), as in the LoRA releases
     # gated adapter prompts in the top layers
     adapter_len: int = 0
@@ -70,6 +71,7 @@ class Config:
 
     def __post_init__(self):
         self.bias_targets, self.scale_targets = tuple(self.bias_targets), tuple(self.scale_targets)
+        self.lora_targets = tuple(self.lora_targets)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.hidden_dim is None:
@@ -80,9 +82,11 @@ class Config:
         problems = []
         if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
             problems.append(f"dim {self.dim}, n_heads {self.n_heads}, n_kv_heads {self.n_kv_heads} do not divide")
-        for name in (*self.bias_targets, *self.scale_targets):
+        for name in (*self.bias_targets, *self.scale_targets, *self.lora_targets):
             if name not in LINEARS:
                 problems.append(f"unknown linear {name!r} (choose from {', '.join(LINEARS)})")
+        if self.lora_rank and self.scale_targets:
+            problems.append("scale and LoRA on the same model are not supported (no layout needs both)")
         if self.fusion not in ("early", "add"):
             problems.append(f"fusion must be 'early' or 'add', not {self.fusion!r}")
         if not 0 <= self.adapter_layers <= self.n_layers or not 0 <= self.visual_layers <= self.n_layers:
@@ -121,7 +125,8 @@ class Config:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["bias_targets"], d["scale_targets"] = list(self.bias_targets), list(self.scale_targets)
+        for key in ("bias_targets", "scale_targets", "lora_targets"):
+            d[key] = list(d[key])
         return d
 
     @classmethod
@@ -218,6 +223,19 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     return torch.stack([real, imag], dim=-1).flatten(-2).type_as(x)
 
 
+def fold_linear(weight, bias=None, scale=None, lora_a=None, lora_b=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """scale * (W x + bias + B(A x)) as one plain linear: W' = diag(scale)(W + B A), bias' = scale * bias.
+    Computed in float32, returned in the dtypes given."""
+    folded = weight.float()
+    if lora_a is not None:
+        folded = folded + lora_b.float() @ lora_a.float()
+    if scale is not None:
+        folded = folded * scale.float()[:, None]
+        if bias is not None:
+            bias = (bias.float() * scale.float()).to(bias.dtype)
+    return folded.to(weight.dtype), bias
+
+
 class AdapterLinear(nn.Module):
     """A frozen linear W with the trainable extras of bias tuning: y = scale * (W x + bias + B(A x)).
 
@@ -235,11 +253,12 @@ class AdapterLinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
         self.quantized: Optional[nn.Module] = None
 
-    def frozen(self, x: torch.Tensor) -> torch.Tensor:
-        """W x alone: the base model's matmul (prompt keys and values use only this)."""
-        if self.quantized is not None:
-            return self.quantized(x)
-        return F.linear(x, self.weight)
+    def project_prompt(self, x: torch.Tensor) -> torch.Tensor:
+        """scale * (W x), without bias and LoRA: how a prompt becomes keys and values. The release projects
+        prompts with the bare W (its LoRA and biases sit outside); leaving the bias out keeps a zero prompt inert,
+        and keeping the scale lets merge fold it into W exactly."""
+        y = self.quantized(x) if self.quantized is not None else F.linear(x, self.weight)
+        return y if self.scale is None else y * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:
@@ -254,17 +273,18 @@ class AdapterLinear(nn.Module):
         return y
 
     @torch.no_grad()
-    def fold_(self) -> None:
-        """Fold scale and LoRA into W and bias: W' = diag(s)(W + B A), b' = s * b; leaves only W and b."""
-        weight = self.weight.float()
-        if self.lora_a is not None:
-            weight = weight + self.lora_b.float() @ self.lora_a.float()
-        if self.scale is not None:
-            weight = weight * self.scale.float()[:, None]
-            if self.bias is not None:
-                self.bias.mul_(self.scale)
-        self.weight.data = weight.to(self.weight.dtype)
-        self.scale = self.lora_a = self.lora_b = None
+    def fold_(self, *, lora: bool = True) -> None:
+        """Fold scale (and LoRA, unless lora=False) into W and bias (see fold_linear)."""
+        if self.quantized is not None:
+            raise ValueError("cannot fold into a quantized weight: fold the float model, then quantize")
+        lora_a, lora_b = (self.lora_a, self.lora_b) if lora else (None, None)
+        weight, bias = fold_linear(self.weight, self.bias, self.scale, lora_a, lora_b)
+        self.weight.data = weight
+        if bias is not None:
+            self.bias.data = bias
+        self.scale = None
+        if lora:
+            self.lora_a = self.lora_b = None
 
     def extra_repr(self) -> str:
         out_features, in_features = self.weight.shape if self.weight is not None else ("?", "?")
@@ -315,7 +335,8 @@ class Attention(nn.Module):
                       wo=(config.dim, config.dim))
         for name, (fan_in, fan_out) in shapes.items():
             setattr(self, name, AdapterLinear(fan_in, fan_out, bias=name in config.bias_targets,
-                                              scale=name in config.scale_targets, lora_rank=config.lora_rank))
+                                              scale=name in config.scale_targets,
+                                              lora_rank=config.lora_rank if name in config.lora_targets else 0))
         # Every layer of an adapter model owns a gate, as the release does (its files hold one per layer);
         # a layer that receives no prompt never reads its gate and param_groups leaves it frozen.
         self.gate = nn.Parameter(torch.zeros(1, config.n_heads, 1, 1)) if config.has_prompts else None
@@ -350,13 +371,13 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, T, C))
 
     def _prompt_kv(self, prompt: Optional[torch.Tensor], batch: int):
-        """Keys/values of the prompt from the frozen wk/wv alone; cached when decoding with a KV cache."""
+        """Keys/values of the prompt (see AdapterLinear.project_prompt); cached when decoding with a KV cache."""
         if prompt is None:
             return None if self.kv_cache is None or self.kv_cache.prompt_k is None else (
                 self.kv_cache.prompt_k, self.kv_cache.prompt_v)
         Bp, P, C = prompt.shape
-        pk = self.wk.frozen(prompt).view(Bp, P, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (Bp, K, P, D)
-        pv = self.wv.frozen(prompt).view(Bp, P, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        pk = self.wk.project_prompt(prompt).view(Bp, P, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (Bp, K, P, D)
+        pv = self.wv.project_prompt(prompt).view(Bp, P, self.n_kv_heads, self.head_dim).transpose(1, 2)
         pk, pv = pk.expand(batch, -1, -1, -1), pv.expand(batch, -1, -1, -1)
         if self.kv_cache is not None and not torch.is_grad_enabled():
             self.kv_cache.prompt_k, self.kv_cache.prompt_v = pk, pv
@@ -376,7 +397,8 @@ class FeedForward(nn.Module):
                       w3=(config.dim, config.hidden_dim))
         for name, (fan_in, fan_out) in shapes.items():
             setattr(self, name, AdapterLinear(fan_in, fan_out, bias=name in config.bias_targets,
-                                              scale=name in config.scale_targets, lora_rank=config.lora_rank))
+                                              scale=name in config.scale_targets,
+                                              lora_rank=config.lora_rank if name in config.lora_targets else 0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -513,7 +535,7 @@ class LLaMAAdapter(nn.Module):
         if max_seq_len > self.freqs_cis.shape[0]:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {self.freqs_cis.shape[0]} positions")
         device = device or self.tok_embeddings.weight.device
-        dtype = dtype or self.output.weight.dtype
+        dtype = dtype or self.tok_embeddings.weight.dtype
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch_size, self.config.n_kv_heads, max_seq_len,
                                                self.config.head_dim, dtype=dtype, device=device)
@@ -622,17 +644,30 @@ def base_parameter_names(model: LLaMAAdapter) -> set[str]:
 
 
 def adapter_state_dict(model: LLaMAAdapter) -> dict[str, torch.Tensor]:
-    """Everything but the frozen LLaMA matrices and CLIP: what an adapter file stores (norms included)."""
+    """Everything but the frozen LLaMA matrices (float or quantized) and CLIP: what an adapter file stores
+    (norms included)."""
+    frozen = tuple(f"{n}.quantized." for n, m in model.named_modules() if isinstance(m, AdapterLinear)) + (
+        "visual.clip.",)
     base = base_parameter_names(model)
-    return {n: t for n, t in model.state_dict().items() if n not in base and not n.startswith("visual.clip.")}
+    return {n: t for n, t in model.state_dict().items() if n not in base and not n.startswith(frozen)}
+
+
+# LoRA on these cannot fold into W: the prompts are projected by the bare W (see AdapterLinear.project_prompt)
+PROMPT_LINEARS = ("wk", "wv")
+
+
+def merged_config(config: Config) -> Config:
+    """The config after folding: no scale; LoRA left only where it cannot fold."""
+    kept = tuple(t for t in config.lora_targets if t in PROMPT_LINEARS) if config.lora_rank else ()
+    return replace(config, scale_targets=(), lora_targets=kept, lora_rank=config.lora_rank if kept else 0)
 
 
 def fold_adapters_(model: LLaMAAdapter) -> None:
-    """Fold every scale and LoRA into the frozen weights (biases stay): same logits, fewer ops per linear."""
-    for module in model.modules():
+    """Fold every scale and foldable LoRA into the frozen weights (biases stay): same logits, fewer ops."""
+    for name, module in model.named_modules():
         if isinstance(module, AdapterLinear):
-            module.fold_()
-    model.config = replace(model.config, scale_targets=(), lora_rank=0)
+            module.fold_(lora=name.rsplit(".", 1)[-1] not in PROMPT_LINEARS)
+    model.config = merged_config(model.config)
 
 
 def count_params(model: LLaMAAdapter) -> dict[str, int]:

@@ -1,0 +1,59 @@
+"""Quantized frozen matmuls: bitsandbytes 8-bit (training and CUDA chat) and weight-only int8 (fast CPU decode).
+
+Both swap what computes `W x` inside each AdapterLinear (its `quantized` slot) and drop the float W; the
+trainable bias/scale/LoRA around it are untouched. Quantize after the float weights are loaded: an 8-bit
+bitsandbytes layer quantizes when moved with .to(), and loading floats into it afterwards silently zeroes it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from lav2.errors import Lav2Error
+from lav2.model import AdapterLinear, LLaMAAdapter
+
+
+def adapter_linears(model: LLaMAAdapter) -> list[AdapterLinear]:
+    return [m for m in model.modules() if isinstance(m, AdapterLinear) and m.quantized is None]
+
+
+def quantize_8bit_(model: LLaMAAdapter) -> LLaMAAdapter:
+    """bitsandbytes LLM.int8 for every frozen block matmul (the 8-bit base of `load_in_8bit`)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise Lav2Error("8-bit needs bitsandbytes: pip install 'lav2[8bit]' (or pip install bitsandbytes)") from None
+    for linear in adapter_linears(model):
+        out_features, in_features = linear.weight.shape
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False,
+                                    device=linear.weight.device)
+        layer.weight = bnb.nn.Int8Params(linear.weight.data.half(), requires_grad=False, has_fp16_weights=False)
+        linear.quantized = layer.to(linear.weight.device)  # bitsandbytes quantizes here
+        linear.weight = None
+    return model
+
+
+class Int8Linear(nn.Module):
+    """Weight-only int8 with one scale per output row: W ~ scales[:, None] * W_int8. Runs torch's int8-weight
+    kernel, which reads a quarter of float32's bytes for the same matrix-vector product."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        scales = weight.float().abs().amax(dim=1).clamp(min=1e-8) / 127
+        self.register_buffer("weight", (weight.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scales.to(x.dtype))
+        return y.reshape(*x.shape[:-1], -1)
+
+
+def quantize_int8_(model: LLaMAAdapter) -> LLaMAAdapter:
+    """Weight-only int8 for every frozen block matmul and the output head (inference only)."""
+    for linear in adapter_linears(model):
+        linear.quantized = Int8Linear(linear.weight.data)
+        linear.weight = None
+    if isinstance(model.output, nn.Linear):
+        model.output = Int8Linear(model.output.weight.data)
+    return model

@@ -38,8 +38,10 @@ def main():
 @click.option("--clip", type=click.Path(path_type=Path), help="Folder with open_clip_config.json and "
               "open_clip_model.safetensors (the CLIP of the adapter).")
 @click.option("--token", envvar="HF_TOKEN", help="Hugging Face token for gated repos (default: $HF_TOKEN).")
+@click.option("--home", type=click.Path(path_type=Path), envvar="LAV2_HOME",
+              help="Where model folders go by default (default: $LAV2_HOME, else ~/.cache/lav2).")
 @click.option("--list", "list_models", is_flag=True, help="List the registry names and exit.")
-def download(source, out, adapter, clip, token, list_models):
+def download(source, out, adapter, clip, token, home, list_models):
     """Make a lav2 model folder from SOURCE: a registry name (7b, 7b-lora, llama-7b ...), a Hugging Face
     repo id, or a local Meta / Hugging Face LLaMA folder."""
     from lav2 import download as dl
@@ -51,7 +53,7 @@ def download(source, out, adapter, clip, token, list_models):
         return
     if not source:
         raise Lav2Error("give a SOURCE: a registry name (see `lav2 download --list`), a repo id or a folder")
-    folder = dl.download(source, out=out, adapter=adapter, clip=clip, token=token)
+    folder = dl.download(source, out=out, adapter=adapter, clip=clip, token=token, home=home)
     click.echo(f"model folder ready: {folder}")
 
 

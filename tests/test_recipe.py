@@ -1,0 +1,119 @@
+"""Recipes: defaults, paths, overrides, the shipped recipes, and the corpus of bad inputs in tests/bad_inputs/.
+
+Each file of the corpus is a recipe whose `# expect:` lines are phrases the one-line error must contain and
+whose `# set:` lines are --set overrides. The whole path a user's recipe takes is run: load, prepare, collate.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lav2.data import collate, prepare
+from lav2.errors import Lav2Error
+from lav2.recipe import Recipe, check_data_files, load_recipe
+from tests.conftest_data import EXAMPLES, ROOT, data_tokenizer, preprocess  # noqa: F401 (fixtures)
+
+BAD = sorted((ROOT / "tests" / "bad_inputs").glob("*.yaml"))
+
+
+def header(path: Path, tag: str) -> list[str]:
+    return [line.split(":", 1)[1].strip() for line in path.read_text().splitlines() if line.startswith(f"# {tag}:")]
+
+
+def run_recipe(path: Path, tokenizer, preprocess, overrides=()) -> None:
+    """What `lav2 finetune` does with the data before training: every record loaded, tokenized and collated."""
+    recipe = load_recipe(path, overrides)
+    data = prepare(recipe, tokenizer, preprocess)
+    for mixture in (data.instruction, data.caption):
+        if mixture is not None:
+            collate([mixture[i] for i in range(len(mixture))], tokenizer.pad_id, preprocess)
+
+
+def test_the_corpus_is_big_enough():
+    assert len(BAD) >= 20
+    assert all(header(path, "expect") for path in BAD)
+
+
+@pytest.mark.parametrize("path", BAD, ids=[p.stem for p in BAD])
+def test_bad_input_gives_one_line_lav2error(path, data_tokenizer, preprocess):
+    with pytest.raises(Lav2Error) as info:
+        run_recipe(path, data_tokenizer, preprocess, header(path, "set"))
+    message = str(info.value)
+    assert "\n" not in message
+    for phrase in header(path, "expect"):
+        assert phrase in message
+
+
+def test_defaults_and_paths_relative_to_the_recipe(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "r.yaml"
+    path.write_text("base: llama-7b\ndata:\n  instruction:\n    - {path: ../d.json, format: alpaca}\n")
+    recipe = load_recipe(path)
+    assert recipe.base == "llama-7b" and recipe.layout == "paper-7b" and recipe.prompt_style == "alpaca"
+    assert recipe.data.instruction[0].path == tmp_path / "d.json"
+    assert recipe.train.epochs == 1 and recipe.train.steps is None
+    assert recipe.train.caption_ratio == 0.0
+    assert recipe.output == Path.cwd() / "runs" / "r"
+
+
+def test_a_base_with_a_slash_is_a_folder_relative_to_the_recipe(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("base: ./models/mine\noutput: out\ndata: {instruction: [{path: d.json, format: alpaca}]}\n")
+    recipe = load_recipe(path)
+    assert recipe.base == str(tmp_path / "models" / "mine")
+    assert recipe.output == tmp_path / "out"
+
+
+def test_overrides_are_parsed_as_yaml_and_validated():
+    recipe = load_recipe(EXAMPLES / "example.yaml",
+                         ["train.steps=100", "train.lr.visual=2e-4", "train.precision=bfloat16", "output=x"])
+    assert recipe.train.steps == 100 and recipe.train.lr.visual == 2e-4
+    assert recipe.train.lr.language == 1e-3  # the sibling key of the file is kept
+    assert recipe.train.precision == "bfloat16"
+    assert recipe.output == EXAMPLES / "x"
+
+
+def test_demo_base_and_generate_data_are_opaque_mappings(tmp_path):
+    path = tmp_path / "demo.yaml"
+    path.write_text("base: {demo: {dim: 64, anything: [1, 2]}}\ngenerate_data: {shapes: 200}\n"
+                    "data: {caption: [{path: shapes.jsonl, format: captions}]}\n")
+    recipe = load_recipe(path)
+    assert recipe.base == {"demo": {"dim": 64, "anything": [1, 2]}}
+    assert recipe.generate_data == {"shapes": 200}
+    assert recipe.train.caption_ratio == 1.0
+
+
+@pytest.mark.parametrize("name", ["alpaca_coco.yaml", "alpaca.yaml"])
+def test_shipped_recipes_load_and_name_their_missing_data_with_urls(name):
+    recipe = load_recipe(ROOT / "recipes" / name)
+    assert isinstance(recipe, Recipe) and recipe.base == "llama-7b" and recipe.layout == "paper-7b"
+    if (ROOT / "data" / "alpaca_data.json").exists():
+        pytest.skip("the data is present here")
+    with pytest.raises(Lav2Error) as info:
+        check_data_files(recipe)
+    message = str(info.value)
+    assert "\n" not in message and "alpaca_data.json" in message and "https://" in message
+
+
+def test_the_joint_recipe_mixes_alpaca_and_coco():
+    recipe = load_recipe(ROOT / "recipes" / "alpaca_coco.yaml")
+    assert [s.format for s in recipe.data.instruction] == ["alpaca"]
+    assert [s.format for s in recipe.data.caption] == ["coco"]
+    assert recipe.train.caption_ratio == 0.5 and recipe.train.global_batch_size % recipe.train.micro_batch_size == 0
+
+
+@pytest.mark.skipif(not (ROOT / "lav2" / "finetune.py").exists(), reason="lav2 finetune is not written yet")
+@pytest.mark.parametrize("name", ["unknown_key", "caption_ratio_2", "missing_file"])
+def test_cli_prints_one_line_and_fails(name):
+    result = subprocess.run([sys.executable, "-c", "from lav2.cli import main; main()", "finetune",
+                             str(ROOT / "tests" / "bad_inputs" / f"{name}.yaml")],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert all(phrase in result.stderr for phrase in header(ROOT / "tests" / "bad_inputs" / f"{name}.yaml",
+                                                            "expect"))

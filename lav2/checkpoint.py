@@ -57,9 +57,9 @@ def read_torch_file(path: Path) -> dict:
                         f"download it again") from None
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(path: Path, device="cpu") -> dict[str, torch.Tensor]:
     try:
-        return load_file(path)
+        return load_file(path, device=str(device))
     except (SafetensorError, OSError) as e:
         raise Lav2Error(f"{path}: cannot read as safetensors ({e}); the file may be truncated: download it "
                         f"again") from None
@@ -452,18 +452,18 @@ def base_folder(folder: Path, info: dict) -> Optional[Path]:
     return None if not info.get("base") else (folder / info["base"]).resolve()
 
 
-def collect_weights(folder: Path, info: dict) -> tuple[dict[str, torch.Tensor], Optional[dict], Path]:
+def collect_weights(folder: Path, info: dict, device="cpu") -> tuple[dict[str, torch.Tensor], Optional[dict], Path]:
     """Base weights (following "base" links), this folder's adapter on top; the CLIP spec and its folder."""
     state, clip_spec, clip_folder = {}, info.get("clip"), folder
     parent = base_folder(folder, info)
     if parent is not None:
-        state, parent_clip, parent_clip_folder = collect_weights(parent, read_folder_info(parent))
+        state, parent_clip, parent_clip_folder = collect_weights(parent, read_folder_info(parent), device)
         if clip_spec is None:
             clip_spec, clip_folder = parent_clip, parent_clip_folder
     if info.get("weights"):
-        state.update(read_safetensors(folder / info["weights"]))
+        state.update(read_safetensors(folder / info["weights"], device))
     if info.get("adapter"):
-        state.update(read_safetensors(folder / info["adapter"]))
+        state.update(read_safetensors(folder / info["adapter"], device))
     return state, clip_spec, clip_folder
 
 
@@ -481,14 +481,13 @@ def load(path, device=None, dtype=None) -> Loaded:
         config = Config.from_dict(info["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise Lav2Error(f"{folder / CONFIG_FILE}: bad model config ({e})") from None
-    state, clip_spec, clip_folder = collect_weights(folder, info)
-    expected = {k: v for k, v in meta_model(config).state_dict().items() if not k.startswith("visual.clip.")}
-    check_state(state, expected, f"{folder}")
-    with torch.device("meta"):
-        model = LLaMAAdapter(config)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=False)
+    state, clip_spec, clip_folder = collect_weights(folder, info, device)  # read straight onto the device
+    model = meta_model(config)  # no CLIP yet: its weights load below
+    check_state(state, model.state_dict(), f"{folder}")
+    for key in state:  # one tensor at a time, so a 7B model never exists twice in memory
+        state[key] = state[key].to(dtype)
+    model.load_state_dict(state, assign=True)
     model.init_rope(device)
-    model.to(device)
     preprocess = None
     if config.visual_len:
         if clip_spec is None:

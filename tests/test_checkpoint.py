@@ -277,3 +277,14 @@ def test_merge_refuses_to_overwrite(tmp_path, tiny_official):
     (tmp_path / "merged").mkdir()
     assert_one_line_error(run_cli("merge", tiny_official[1], "--out", tmp_path / "merged"), "already exists")
     assert_one_line_error(run_cli("merge", tmp_path / "absent", "--out", tmp_path / "m2"), "no such model folder")
+
+
+def test_load_in_bfloat16_keeps_every_tensor_in_that_dtype(tiny_official):
+    full = lav2.load(tiny_official[1], device="cpu")
+    half = lav2.load(tiny_official[1], device="cpu", dtype=torch.bfloat16)
+    assert {p.dtype for p in half.model.parameters()} == {torch.bfloat16}
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference, got = full.model(TOKENS, images), half.model(TOKENS, images)
+    assert got.dtype == torch.float32
+    assert (got - reference).abs().max() < 0.05 * reference.abs().max()

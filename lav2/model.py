@@ -258,18 +258,18 @@ class AdapterLinear(nn.Module):
         prompts with the bare W (its LoRA and biases sit outside); leaving the bias out keeps a zero prompt inert,
         and keeping the scale lets merge fold it into W exactly."""
         y = self.quantized(x) if self.quantized is not None else F.linear(x, self.weight)
-        return y if self.scale is None else y * self.scale
+        return y if self.scale is None else y * self.scale.to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quantized is not None:
             y = self.quantized(x)
-            y = y if self.bias is None else y + self.bias
+            y = y if self.bias is None else y + self.bias.to(y.dtype)
         else:
             y = F.linear(x, self.weight, self.bias)
         if self.lora_a is not None:
             y = y + F.linear(F.linear(x, self.lora_a), self.lora_b)
-        if self.scale is not None:
-            y = y * self.scale
+        if self.scale is not None:  # in y's dtype: under bf16 autocast a float32 scale would promote y to float32
+            y = y * self.scale.to(y.dtype)
         return y
 
     @torch.no_grad()
@@ -590,7 +590,10 @@ class LLaMAAdapter(nn.Module):
             if prompt is not None:
                 prompt = prompt.to(h.dtype)
             if self.gradient_checkpointing and self.training:
-                h = checkpoint(layer, h, freqs_cis, input_pos, prompt, use_reentrant=False)
+                # Reentrant: the block runs under no_grad, so nothing in it is kept (non-reentrant keeps the graph,
+                # and bitsandbytes 8-bit stashes every matmul input on it); it needs an input that requires grad.
+                h = checkpoint(layer, h if h.requires_grad else h.detach().requires_grad_(), freqs_cis, input_pos,
+                               prompt, use_reentrant=True)
             else:
                 h = layer(h, freqs_cis, input_pos, prompt)
         return self.output(self.norm(h)).float()  # (B, T, V)

@@ -1,0 +1,592 @@
+"""`python -m lav2.bench`: measured decode speed, train-step speed and training memory, one JSON object per run.
+
+    python -m lav2.bench decode --config mid --dtype float32 [--image] [--compile]
+    python -m lav2.bench train --config small [--checkpointing] [--8bit]
+    python -m lav2.bench memory-7b
+
+Models get random weights: speed and memory do not depend on the values. Every model has the paper's layout
+(bias and scale on all seven linears, gated prompts in the top layers, the visual prompt in the first layer),
+sized by `--config`:  tiny (the test size), small (~0.2B, for CPU training), mid (~0.95B, CPU decode), 7b.
+
+decode: batch-1 greedy decoding through lav2.generate's prefill/decode_one_token/sample. Time to first token is
+the prefill (with --image: the CLIP tower and the resampler too) plus the first sample; tokens/s is the median
+over the decoded tokens. Alongside: the same LLaMA without the adapter (sharing the weights) and the adapter
+folded into it (fold_adapters_), stepped in turn token by token with the adapter model, so that other processes
+on a shared machine slow all of them alike; and the bandwidth bound, the
+bytes a decode step reads divided by the memory bandwidth measured in the same process. --dtype int8 compares
+with float32 on the same tokens: greedy agreement (the int8 model is fed the float32 model's greedy tokens) and
+the logit error.
+
+train: one step of the language group (forward, backward, AdamW) on random tokens, timed per phase; peak memory
+is torch.cuda.max_memory_allocated on a GPU, and on the CPU the parameter bytes plus the peak of the bytes alive
+at once among the tensors the step creates, tracked op by op (LiveBytes).
+
+memory-7b: the 7B recipe's peak (seq 512, micro-batch 4, 8-bit base, gradient checkpointing, bf16), estimated
+from a few blocks at full 7B width run forward and backward, extrapolated to 32 blocks (`"estimate": true`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+import click
+import torch
+import torch.nn as nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from lav2.finetune import loss_sum
+from lav2.generate import decode_one_token, prefill, sample
+from lav2.model import (Config, LLaMAAdapter, build_clip_visual, fold_adapters_, mark_trainable,
+                        param_groups)
+
+PAPER = Config.from_name("paper-7b")
+CONFIGS = {
+    "tiny": Config.from_name("tiny-paper"),
+    "small": Config(dim=1024, n_layers=8, n_heads=8, max_seq_len=1024).with_layout(PAPER),
+    "mid": Config(dim=2048, n_layers=16, n_heads=16, max_seq_len=1024).with_layout(PAPER),
+    "7b": PAPER,
+}
+# open_clip.CLIP kwargs: a tiny ViT for the tiny config (as the tests build), ViT-L/14 for the others
+TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8,
+                                             "head_width": 16},
+             "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}
+VIT_L_14 = {"embed_dim": 768, "vision_cfg": {"image_size": 224, "layers": 24, "width": 1024, "patch_size": 14},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 768, "heads": 12, "layers": 12}}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GIB = 2**30
+
+
+# --- machine and models ------------------------------------------------------------------------------------
+
+
+def machine(device: torch.device) -> dict:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+        name = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), platform.processor())
+    return {"device": device.type, "name": name, "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def pick_device(name: Optional[str]) -> torch.device:
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@torch.no_grad()
+def randomize_(module: nn.Module) -> None:
+    """Random values of the right scale: norms and scales near 1, everything else small (uniform: faster to
+    draw than normal for a billion numbers, and the values do not matter for speed or memory)."""
+    for name, t in module.state_dict().items():
+        if not t.is_floating_point():
+            continue
+        owner = name.rsplit(".", 2)[-2] if name.count(".") else ""
+        if name.endswith(".scale") or (name.endswith(".weight") and ("norm" in owner or owner.startswith("ln"))):
+            t.uniform_(0.9, 1.1)
+        else:
+            t.uniform_(-0.035, 0.035)  # std 0.02
+
+
+def clip_config(config: Config) -> dict:
+    return TINY_CLIP if config.clip_dim == TINY_CLIP["embed_dim"] else VIT_L_14
+
+
+def build_model(config: Config, *, device: torch.device, dtype: torch.dtype, image: bool = False) -> LLaMAAdapter:
+    """A random model in eval mode, with a random CLIP tower when `image`."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = LLaMAAdapter(config)
+        clip = build_clip_visual(clip_config(config)) if image else None
+    model = model.to_empty(device=device)
+    randomize_(model)
+    model.init_rope(device)
+    if clip is not None:
+        model.visual.clip = clip.to_empty(device=device).requires_grad_(False)
+        randomize_(model.visual.clip)
+    return model.to(dtype).eval()
+
+
+def base_sharing_weights(model: LLaMAAdapter) -> LLaMAAdapter:
+    """The same LLaMA with no adapter, reading the very same weight tensors (no copy)."""
+    with torch.device("meta"):
+        base = LLaMAAdapter(model.config.base())
+    state = model.state_dict()
+    base.load_state_dict({k: state[k] for k in base.state_dict()}, assign=True)
+    base.init_rope(model.tok_embeddings.weight.device)
+    return base.eval()
+
+
+def count(model: nn.Module, *, trainable: Optional[bool] = None) -> int:
+    return sum(p.numel() for p in model.parameters() if trainable is None or p.requires_grad == trainable)
+
+
+# --- decode ------------------------------------------------------------------------------------------------
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Decoder:
+    """Greedy decoding of one model after a prompt (T,) on its own KV cache, one token per `advance()`, so that
+    several models can be stepped in turn and share whatever else the machine is doing at that moment.
+    `forced`: feed these tokens instead of the model's own choices (teacher forcing), so that two models are
+    compared at the same contexts."""
+
+    def __init__(self, model: LLaMAAdapter, prompt: torch.Tensor, *, new_tokens: int, images=None,
+                 forced: Optional[list[int]] = None, keep_logits: bool = False, step: Callable = decode_one_token):
+        self.model, self.step, self.forced, self.keep_logits = model, step, forced, keep_logits
+        self.device = prompt.device
+        model.setup_cache(1, len(prompt) + new_tokens)
+        self.positions = torch.arange(len(prompt), len(prompt) + new_tokens, device=self.device)
+        sync(self.device)
+        start = time.perf_counter()
+        logits = prefill(model, prompt[None], torch.arange(len(prompt), device=self.device), images)
+        self.token = sample(logits, temperature=0)
+        self.tokens = [int(self.token)]  # the host sync that generate() makes for every token
+        self.first_token_s = time.perf_counter() - start
+        self.token_s: list[float] = []  # one decode step and its sample, per token after the first
+        self.kept = [logits.float()] if keep_logits else []  # (V,) logits per token
+
+    def advance(self) -> None:
+        i = len(self.token_s)
+        fed = self.token if self.forced is None else torch.tensor([self.forced[i]], device=self.device)
+        start = time.perf_counter()
+        logits = self.step(self.model, fed.view(1, 1), self.positions[i: i + 1])
+        self.token = sample(logits, temperature=0)
+        self.tokens.append(int(self.token))
+        self.token_s.append(time.perf_counter() - start)
+        if self.keep_logits:
+            self.kept.append(logits.float())
+
+
+def decode_in_turn(decoders: list[Decoder], new_tokens: int) -> None:
+    """Advance every decoder token by token, in turn; then free their caches."""
+    for _ in range(new_tokens - 1):
+        for decoder in decoders:
+            decoder.advance()
+    for decoder in decoders:
+        decoder.model.clear_cache()
+
+
+def measure_bandwidth(device: torch.device, *, mib: int, repeats: int = 10) -> float:
+    """Bytes/s of a float32 matrix-vector product over a matrix far larger than the CPU caches, best of
+    `repeats`: the rate at which this machine streams weights, as decoding does."""
+    cols = 4096
+    weight = torch.empty(mib * 2**20 // (4 * cols), cols, device=device).uniform_()
+    x = torch.randn(1, cols, device=device)
+    best = math.inf
+    for _ in range(repeats + 1):  # the first call warms up
+        sync(device)
+        start = time.perf_counter()
+        torch.nn.functional.linear(x, weight)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return weight.nbytes / best
+
+
+def decode_bytes(model: LLaMAAdapter, context: int, *, image: bool) -> dict[str, int]:
+    """Bytes one decode step reads at `context` cached positions: every block matrix (float or quantized) with
+    its bias/scale, the norms, the output head, one embedding row, the cached keys/values of the context and of
+    the prompts. Not read: the other embedding rows, the visual branch, the learned prompt tokens (their
+    keys/values are cached)."""
+    skip = ("tok_embeddings.", "visual.", "adapter_query", "freqs_cis")
+    named = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()]
+             if not n.startswith(skip) and ".kv_cache." not in n]
+    weights = sum(t.nbytes for n, t in named if (n.endswith(".weight") and t.ndim == 2) or n.endswith(".scales"))
+    extras = sum(t.nbytes for n, t in named) - weights  # biases, bias-tuning scales, norms, gates
+    c = model.config
+    elem = model.tok_embeddings.weight.element_size()
+    kv = 2 * c.n_layers * c.n_kv_heads * c.head_dim * context * elem
+    prompt_lens = {"adapter": c.adapter_len, "visual": c.visual_len if image else 0}
+    prompt_kv = sum(2 * c.n_kv_heads * c.head_dim * prompt_lens[kind] * elem for kind in c.prompt_layers().values())
+    return {"weights": weights, "adapter_extras": extras, "embedding_row": c.dim * elem, "kv_cache": kv,
+            "prompt_kv": prompt_kv}
+
+
+def logit_agreement(reference: "Decoder", other: "Decoder") -> dict:
+    same = [a == b for a, b in zip(reference.tokens, other.tokens)]
+    ref_logits = torch.stack(reference.kept)
+    error = (torch.stack(other.kept) - ref_logits).abs()
+    return {"greedy_agreement": sum(same) / len(same),
+            "first_disagreement": same.index(False) if False in same else None,
+            "max_logit_error": float(error.max()), "mean_logit_error": float(error.mean()),
+            "logit_std": float(ref_logits.std())}
+
+
+def bench_decode(*, config_name: str, dtype: str, image: bool, compile: bool, prompt_tokens: int,
+                 new_tokens: int, rounds: int, device: Optional[str], compare: bool, bandwidth_mib: int) -> dict:
+    """Decode speed of one config and dtype; see the module docstring."""
+    dev = pick_device(device)
+    config = replace(CONFIGS[config_name], max_seq_len=max(CONFIGS[config_name].max_seq_len,
+                                                           prompt_tokens + new_tokens))
+    int8 = dtype == "int8"
+    model = build_model(config, device=dev, dtype=torch.float32 if int8 else DTYPES[dtype], image=image)
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, config.vocab_size, (prompt_tokens,), generator=generator).to(dev)
+    images = None
+    if image:
+        size = clip_config(config)["vision_cfg"]["image_size"]
+        images = torch.randn(1, 3, size, size, generator=generator).to(dev, model.tok_embeddings.weight.dtype)
+    step = torch.compile(decode_one_token) if compile else decode_one_token
+
+    variants = {"adapter": model}
+    if int8:
+        from lav2.quantize import quantize_int8_
+
+        variants = {"float32": model, "adapter": quantize_int8_(copy.deepcopy(model))}
+    elif compare:
+        variants["base"] = base_sharing_weights(model)
+        variants["merged"] = copy.deepcopy(model)
+        fold_adapters_(variants["merged"])
+    decoders: dict[str, list[Decoder]] = {name: [] for name in variants}
+    for name, m in variants.items():  # warm-up (and compilation)
+        decode_in_turn([Decoder(m, prompt, new_tokens=min(4, new_tokens), images=images, step=step)], 4)
+    for _ in range(rounds):
+        turn: dict[str, Decoder] = {}
+        for name, m in variants.items():  # int8 is fed float32's tokens as they come (float32 steps first)
+            forced = turn["float32"].tokens if int8 and name == "adapter" else None
+            turn[name] = Decoder(m, prompt, new_tokens=new_tokens, images=images, step=step, keep_logits=int8,
+                                 forced=forced)
+        decode_in_turn(list(turn.values()), new_tokens)
+        for name, decoder in turn.items():
+            decoders[name].append(decoder)
+    per_token_ms = {name: 1e3 * statistics.median(t for d in ds for t in d.token_s) for name, ds in decoders.items()}
+    result: dict = {"benchmark": "decode", "config": config_name, "dtype": dtype, "image": image,
+                    "compile": compile, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "rounds": rounds,
+                    "params": count(model) - (count(model.visual.clip) if image else 0)}
+    if int8:
+        result.update(logit_agreement(decoders["float32"][0], decoders["adapter"][0]))
+        result["speedup_vs_float32"] = per_token_ms["float32"] / per_token_ms["adapter"]
+    if "base" in per_token_ms:
+        result["adapter_overhead"] = per_token_ms["adapter"] / per_token_ms["base"] - 1
+        result["merged_overhead"] = per_token_ms["merged"] / per_token_ms["base"] - 1
+    bytes_read = decode_bytes(variants["adapter"], prompt_tokens + new_tokens // 2, image=image)
+    bandwidth = measure_bandwidth(dev, mib=bandwidth_mib)
+    total = sum(bytes_read.values())
+    achieved = 1e3 / per_token_ms["adapter"]
+    result.update({
+        "time_to_first_token_s": min(d.first_token_s for d in decoders["adapter"]), "tokens_per_s": achieved,
+        "per_token_ms": per_token_ms, "bytes_per_token": total, "bytes_breakdown": bytes_read,
+        "bandwidth_gb_s": bandwidth / 1e9, "bound_tokens_per_s": bandwidth / total,
+        "achieved_tokens_per_s": achieved, "ratio": achieved / (bandwidth / total), "machine": machine(dev)})
+    return result
+
+
+# --- memory tracking ---------------------------------------------------------------------------------------
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes alive at once among the tensors created inside the block, op by op: `now` and `peak`.
+
+    The CPU has no torch.cuda.max_memory_allocated; this sees every op's outputs (forward, the backward the
+    block runs, checkpoint recomputation, optimizer state), so it counts what autograd saves and what an op
+    returns, but not memory private to a kernel nor allocator slack. Tensors that existed before the block
+    (the weights) are not counted: add them.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):  # new storages only: views and in-place results share an input's
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in inputs:
+                    self.live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+        self.live = {p: (ref, n) for p, (ref, n) in self.live.items() if not ref.expired()}
+        self.now = sum(n for _, n in self.live.values())
+        self.peak = max(self.peak, self.now)
+        return out
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (quantized layers' int8 data and scales included)."""
+    return sum(t.nbytes for t in module.state_dict().values() if isinstance(t, torch.Tensor))
+
+
+# --- train -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepTimes:
+    forward: float
+    backward: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        return self.forward + self.backward + self.optimizer
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def train_step(model: LLaMAAdapter, optimizer: torch.optim.Optimizer, tokens: torch.Tensor,
+               dtype: torch.dtype) -> StepTimes:
+    """One instruction step: forward with the loss, backward, AdamW step; seconds of each phase."""
+    device = tokens.device
+    sync(device)
+    t0 = time.perf_counter()
+    with autocast(device, dtype):
+        loss = loss_sum(model(tokens), tokens) / tokens.numel()
+    sync(device)
+    t1 = time.perf_counter()
+    loss.backward()
+    sync(device)
+    t2 = time.perf_counter()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    sync(device)
+    return StepTimes(t1 - t0, t2 - t1, time.perf_counter() - t2)
+
+
+def train_model(config: Config, *, device: torch.device, load_in_8bit: bool, checkpointing: bool):
+    """The paper layout with the language group trainable (an instruction step) and its AdamW."""
+    model = build_model(config, device=device, dtype=torch.float32).train()
+    if load_in_8bit:
+        from lav2.quantize import quantize_8bit_
+
+        quantize_8bit_(model)
+    mark_trainable(model, ("language",))
+    model.gradient_checkpointing = checkpointing
+    optimizer = torch.optim.AdamW([p for _, p in param_groups(model)["language"]], lr=1e-4)
+    return model, optimizer
+
+
+def bench_train(*, config_name: str, seq_len: int, batch_size: int, steps: int, checkpointing: bool,
+                load_in_8bit: bool, precision: str, device: Optional[str]) -> dict:
+    """Train-step speed and peak memory; see the module docstring."""
+    dev = pick_device(device)
+    dtype = DTYPES[precision]
+    config = CONFIGS[config_name]
+    model, optimizer = train_model(config, device=dev, load_in_8bit=load_in_8bit, checkpointing=checkpointing)
+    tokens = torch.randint(3, config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    tokens = tokens.to(dev)
+    weights = tensor_bytes(model)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        train_step(model, optimizer, tokens, dtype)
+        peak, method = torch.cuda.max_memory_allocated(dev), "torch.cuda.max_memory_allocated over the first step"
+    else:
+        with LiveBytes() as live:  # the first step: it also creates the AdamW state
+            train_step(model, optimizer, tokens, dtype)
+        peak, method = weights + live.peak, ("parameter and buffer bytes + peak bytes alive at once among the "
+                                             "tensors the first step creates, tracked op by op (LiveBytes)")
+    times = [train_step(model, optimizer, tokens, dtype) for _ in range(steps)]
+    best = min(times, key=lambda t: t.total)
+    return {
+        "benchmark": "train", "config": config_name, "layout": "paper", "seq_len": seq_len,
+        "batch_size": batch_size, "steps": steps, "gradient_checkpointing": checkpointing,
+        "load_in_8bit": load_in_8bit, "precision": precision,
+        "tokens_per_s": tokens.numel() / best.total, "step_s": best.total,
+        "forward_s": best.forward, "backward_s": best.backward, "optimizer_s": best.optimizer,
+        "share": {k: getattr(best, k) / best.total for k in ("forward", "backward", "optimizer")},
+        "trainable_params": count(model, trainable=True), "frozen_params": count(model, trainable=False),
+        "peak_memory_bytes": peak, "peak_memory_gib": peak / GIB, "memory_method": method, "machine": machine(dev)}
+
+
+# --- memory-7b ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Measured:
+    """Live bytes of a model cut to a few blocks at full width, run forward and backward under the recipe."""
+    layers: int
+    weights_per_layer: int  # a block's tensors (8-bit matrices and their scales, float extras)
+    kept_per_layer: int  # what a block leaves alive from its forward until its backward
+    peak: int  # peak live bytes over the forward and backward, head and loss included
+    seconds: float
+
+
+def measure_layers(config: Config, *, layers: int, tokens: torch.Tensor, dtype: torch.dtype,
+                   load_in_8bit: bool, checkpointing: bool) -> Measured:
+    """One instruction step's forward and backward of `config` cut to `layers` blocks (each with an adapter
+    prompt, as the top 30 of the paper layout), the frozen base in `dtype`, on tokens (B, T)."""
+    start = time.perf_counter()
+    cut = replace(config, n_layers=layers, adapter_layers=layers, visual_len=0, visual_layers=0)
+    model = build_model(cut, device=tokens.device, dtype=torch.float32).train()
+    for p in model.parameters():  # the frozen base in the compute dtype, as the recipe loads it
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+    if load_in_8bit:
+        from lav2.quantize import quantize_8bit_
+
+        quantize_8bit_(model)
+    mark_trainable(model, ("language",))
+    model.gradient_checkpointing = checkpointing
+    with LiveBytes() as live:
+        after_block = []  # live bytes as each block's forward ends
+        hooks = [layer.register_forward_hook(lambda *_: after_block.append(live.now)) for layer in model.layers]
+        with autocast(tokens.device, dtype):
+            loss = loss_sum(model(tokens), tokens)
+        for hook in hooks:
+            hook.remove()
+        loss.backward()
+    del loss
+    kept = (after_block[-1] - after_block[0]) // (layers - 1)
+    return Measured(layers, tensor_bytes(model.layers) // layers, kept, live.peak, time.perf_counter() - start)
+
+
+def clip_params(config: Config) -> int:
+    with torch.device("meta"):
+        return count(build_clip_visual(clip_config(config)))
+
+
+def bench_memory_7b(*, config_name: str, layers: int, seq_len: int, micro_batch_size: int,
+                    device: Optional[str]) -> dict:
+    """Peak training memory of the 7B recipe; see the module docstring."""
+    dev = pick_device(device)
+    config = CONFIGS[config_name]
+    recipe = {"config": config_name, "seq_len": seq_len, "micro_batch_size": micro_batch_size,
+              "load_in_8bit": True, "gradient_checkpointing": True, "precision": "bfloat16"}
+    tokens = torch.randint(3, config.vocab_size, (micro_batch_size, seq_len), device=dev)
+    if dev.type == "cuda":
+        return {"benchmark": "memory-7b", "estimate": False, **recipe, **measure_on_gpu(config, tokens),
+                "machine": machine(dev)}
+    m = measure_layers(config, layers=layers, tokens=tokens, dtype=torch.bfloat16, load_in_8bit=True,
+                       checkpointing=True)
+    n = config.n_layers
+    with torch.device("meta"):  # counts from shapes only
+        full = LLaMAAdapter(config)
+    mark_trainable(full, ("visual", "language"))
+    trainable = count(full, trainable=True)
+    breakdown = {
+        "block_weights": n * m.weights_per_layer,
+        "embeddings_and_head": (full.tok_embeddings.weight.numel() + full.output.weight.numel()) * 2,  # bf16
+        "clip": clip_params(config) * 2,  # fp16, frozen, run without gradients
+        "trainable_state": trainable * (4 + 4 + 8),  # float32 weights, gradients, AdamW's two moments
+        # the measured peak (its blocks, the head and the loss), plus what each further block keeps
+        "activations": m.peak + (n - m.layers) * m.kept_per_layer}
+    total = sum(breakdown.values())
+    return {"benchmark": "memory-7b", "estimate": True, **recipe, "layers_measured": m.layers,
+            "measured": {"weights_per_layer": m.weights_per_layer, "kept_per_layer": m.kept_per_layer,
+                         "peak_live_bytes": m.peak, "seconds": m.seconds},
+            "breakdown": breakdown, "trainable_params": trainable, "total_bytes": total, "total_gib": total / GIB,
+            "method": (f"the model cut to {m.layers} blocks at full width, one forward and backward at the "
+                       f"recipe's batch on the CPU (bitsandbytes 8-bit, bf16 autocast, checkpointing), live bytes "
+                       f"tracked op by op (LiveBytes), extrapolated to {n} blocks by what each block keeps; "
+                       f"weights and AdamW state counted from shapes. Not counted: CUDA context and allocator "
+                       f"slack (add 1-2 GiB), CLIP and resampler activations (transient, small)"),
+            "machine": machine(dev)}
+
+
+def measure_on_gpu(config: Config, tokens: torch.Tensor) -> dict:
+    """The whole 7B recipe on the GPU: one training step, torch.cuda.max_memory_allocated."""
+    dev = tokens.device
+    model, optimizer = train_model(config, device=dev, load_in_8bit=True, checkpointing=True)
+    torch.cuda.reset_peak_memory_stats(dev)
+    times = train_step(model, optimizer, tokens, torch.bfloat16)
+    peak = torch.cuda.max_memory_allocated(dev)
+    return {"total_bytes": peak, "total_gib": peak / GIB, "step_s": times.total,
+            "method": "torch.cuda.max_memory_allocated over one training step of the full model"}
+
+
+# --- command line ------------------------------------------------------------------------------------------
+
+
+def emit(result: dict, table: bool) -> None:
+    """One JSON object on stdout, or with --table a readable table (nested keys joined with dots)."""
+    if not table:
+        click.echo(json.dumps(result))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Table(title=f"lav2 bench {result['benchmark']}", show_header=False)
+    for key, value in flatten(result):
+        out.add_row(key, f"{value:,.4g}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int)
+                    and not isinstance(value, bool) else str(value))
+    Console().print(out)
+
+
+def flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    rows = []
+    for key, value in d.items():
+        rows += flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else [(f"{prefix}{key}", value)]
+    return rows
+
+
+table_option = click.option("--table", is_flag=True, help="Print a readable table instead of JSON.")
+device_option = click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+
+
+@click.group()
+@click.option("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
+def main(threads):
+    """Measured speed and memory of lav2, one JSON object per run."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+@main.command()
+@click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default="mid", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16", "int8"]), default="float32",
+              show_default=True, help="int8: weight-only int8 matrices, compared with float32 on the same tokens.")
+@click.option("--image/--no-image", default=False, help="Prefill with an image (random CLIP tower).")
+@click.option("--compile", is_flag=True, help="torch.compile the decode step.")
+@click.option("--prompt-tokens", default=32, show_default=True)
+@click.option("--new-tokens", default=64, show_default=True)
+@click.option("--rounds", default=2, show_default=True,
+              help="Timed runs; in each, the variants are stepped token by token in turn.")
+@click.option("--compare/--no-compare", default=True, show_default=True,
+              help="Also time the plain LLaMA and the folded adapter (float dtypes).")
+@click.option("--bandwidth-mib", default=256, show_default=True,
+              help="Size of the matrix whose matrix-vector product measures the memory bandwidth.")
+@device_option
+@table_option
+def decode(config_name, dtype, image, compile, prompt_tokens, new_tokens, rounds, compare, bandwidth_mib, device,
+           table):
+    """Batch-1 decode tokens/s, time to first token, and the bandwidth bound."""
+    emit(bench_decode(config_name=config_name, dtype=dtype, image=image, compile=compile, prompt_tokens=prompt_tokens,
+                      new_tokens=new_tokens, rounds=rounds, device=device, compare=compare,
+                      bandwidth_mib=bandwidth_mib), table)
+
+
+@main.command()
+@click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default="small", show_default=True)
+@click.option("--seq-len", default=256, show_default=True)
+@click.option("--batch-size", default=1, show_default=True)
+@click.option("--steps", default=3, show_default=True, help="Timed steps after the first (best is reported).")
+@click.option("--checkpointing/--no-checkpointing", default=False, show_default=True)
+@click.option("--8bit", "load_in_8bit", is_flag=True, help="bitsandbytes 8-bit frozen matrices.")
+@click.option("--precision", type=click.Choice(list(DTYPES)), default="float32", show_default=True)
+@device_option
+@table_option
+def train(config_name, seq_len, batch_size, steps, checkpointing, load_in_8bit, precision, device, table):
+    """Tokens/s of a full train step of the paper layout, its phases, and peak memory."""
+    emit(bench_train(config_name=config_name, seq_len=seq_len, batch_size=batch_size, steps=steps,
+                     checkpointing=checkpointing, load_in_8bit=load_in_8bit, precision=precision, device=device),
+         table)
+
+
+@main.command("memory-7b")
+@click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default="7b", show_default=True)
+@click.option("--layers", default=2, show_default=True, help="Full-width blocks measured on the CPU.")
+@click.option("--seq-len", default=512, show_default=True)
+@click.option("--micro-batch-size", default=4, show_default=True)
+@device_option
+@table_option
+def memory_7b(config_name, layers, seq_len, micro_batch_size, device, table):
+    """Peak memory of the 7B recipe (8-bit base, checkpointing): measured on a GPU, else estimated."""
+    emit(bench_memory_7b(config_name=config_name, layers=layers, seq_len=seq_len, micro_batch_size=micro_batch_size, device=device), table)
+
+
+if __name__ == "__main__":
+    main()

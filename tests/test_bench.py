@@ -1,0 +1,63 @@
+"""`python -m lav2.bench`: each benchmark runs at tiny size and prints one JSON object with the documented keys.
+No timing is asserted: these machines are shared and slow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+MACHINE_KEYS = {"device", "name", "threads", "torch"}
+DECODE_KEYS = {"benchmark", "config", "dtype", "image", "compile", "params", "time_to_first_token_s",
+               "tokens_per_s", "per_token_ms", "bytes_per_token", "bytes_breakdown", "bandwidth_gb_s",
+               "bound_tokens_per_s", "achieved_tokens_per_s", "ratio", "machine"}
+TRAIN_KEYS = {"benchmark", "config", "seq_len", "batch_size", "gradient_checkpointing", "load_in_8bit",
+              "tokens_per_s", "step_s", "forward_s", "backward_s", "optimizer_s", "share", "peak_memory_bytes",
+              "peak_memory_gib", "memory_method", "trainable_params", "machine"}
+MEMORY_KEYS = {"benchmark", "estimate", "seq_len", "micro_batch_size", "load_in_8bit", "gradient_checkpointing",
+               "measured", "breakdown", "total_bytes", "total_gib", "method", "machine"}
+
+
+def bench(*args: str) -> dict:
+    """Run the benchmark as a user does; stdout must be exactly one JSON object."""
+    done = subprocess.run([sys.executable, "-m", "lav2.bench", *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_decode_float32_reports_the_bound_and_the_plain_llama():
+    result = bench("decode", "--config", "tiny", "--new-tokens", "4", "--prompt-tokens", "8",
+                   "--bandwidth-mib", "16")
+    assert DECODE_KEYS <= set(result) and MACHINE_KEYS <= set(result["machine"])
+    assert set(result["per_token_ms"]) == {"adapter", "base", "merged"}
+    assert {"adapter_overhead", "merged_overhead"} <= set(result)
+    assert result["bound_tokens_per_s"] > 0 and result["ratio"] > 0
+
+
+def test_decode_int8_with_image_compares_with_float32():
+    result = bench("decode", "--config", "tiny", "--dtype", "int8", "--image", "--new-tokens", "6",
+                   "--prompt-tokens", "8", "--bandwidth-mib", "16")
+    assert DECODE_KEYS | {"greedy_agreement", "first_disagreement", "max_logit_error", "speedup_vs_float32"} <= set(result)
+    assert set(result["per_token_ms"]) == {"float32", "adapter"}
+    assert 0 <= result["greedy_agreement"] <= 1
+
+
+def test_train_reports_phases_and_peak_memory_in_a_table_or_json():
+    flags = ["train", "--config", "tiny", "--seq-len", "16", "--batch-size", "2", "--steps", "1", "--checkpointing",
+             "--8bit"]
+    result = bench(*flags)
+    assert TRAIN_KEYS <= set(result)
+    assert set(result["share"]) == {"forward", "backward", "optimizer"}
+    assert result["gradient_checkpointing"] and result["load_in_8bit"]
+    assert result["peak_memory_bytes"] > 0
+    done = subprocess.run([sys.executable, "-m", "lav2.bench", *flags, "--table"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "tokens_per_s" in done.stdout and not done.stdout.lstrip().startswith("{")
+
+
+def test_memory_7b_is_labelled_an_estimate_on_cpu():
+    result = bench("memory-7b", "--config", "tiny", "--seq-len", "16", "--micro-batch-size", "2")
+    assert MEMORY_KEYS <= set(result)
+    assert result["estimate"] is True
+    assert result["total_bytes"] == sum(result["breakdown"].values())

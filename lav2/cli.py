@@ -85,14 +85,39 @@ def merge(run_dir, out, dtype):
 
 @main.command()
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model folder (default: "
-              "$LAV2_HOME/7b).")
-@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="Image to talk about.")
-@click.option("--prompt", help="Answer this one prompt and exit.")
-def chat(model_dir, images, prompt):
-    """Chat with a model about an image in the terminal."""
-    from lav2 import chat as chat_mod
+              "$LAV2_HOME/7b, else ~/.cache/lav2/7b; `lav2 download 7b` makes it).")
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
+              help="Image to talk about (one: the model takes one image per conversation).")
+@click.option("--prompt", help="Answer this one prompt, print only the answer and exit (for scripts).")
+@click.option("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Weights dtype (default: bfloat16 on CUDA, float32 on CPU).")
+@click.option("--quantize", type=click.Choice(["int8"]), help="Frozen weights in int8 (one byte each): "
+              "bitsandbytes LLM.int8 on CUDA (needs bitsandbytes); torch's weight-only int8 kernel on CPU.")
+@click.option("--expert", "experts", multiple=True, metavar="caption|caption=FILE|ocr", help="Add what an expert "
+              "model says about the image to the prompt: a CoCa caption (weights from the hub once, or FILE) or "
+              "Tesseract OCR (repeatable).")
+@click.option("--temperature", type=float, default=0.1, show_default=True, help="0 is greedy.")
+@click.option("--top-p", type=float, default=0.75, show_default=True, help="Nucleus sampling mass.")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Keep the k likeliest tokens (0: off).")
+@click.option("--max-new-tokens", type=int, default=256, show_default=True, help="Longest answer, in tokens.")
+@click.option("--repetition-penalty", type=float, default=1.0, show_default=True, help=">1 discourages "
+              "tokens already in the context (1: off).")
+@click.option("--seed", type=int, help="Seed for reproducible sampling (default: random).")
+def chat(model_dir, images, prompt, device, dtype, quantize, experts, temperature, top_p, top_k, max_new_tokens,
+         repetition_penalty, seed):
+    """Chat with a model about an image in the terminal; piped input is one turn per line.
 
-    chat_mod.run(model_dir=model_dir, images=list(images), prompt=prompt)
+    Sampling defaults are the official LLaMA-Adapter V2 release's. In the chat: /image PATH, /reset,
+    /save FILE (.json or Markdown), /help, /quit; Ctrl-C stops an answer, Ctrl-D leaves.
+    """
+    from lav2 import chat as chat_mod
+    from lav2.generate import Sampling
+
+    sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+                        repetition_penalty=repetition_penalty, seed=seed)
+    chat_mod.run(model_dir=model_dir, images=list(images), prompt=prompt, device=device, dtype=dtype,
+                 quantize=quantize, experts=list(experts), sampling=sampling)
 
 
 if __name__ == "__main__":

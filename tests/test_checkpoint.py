@@ -271,6 +271,10 @@ def test_merge_keeps_logits(tmp_path, tiny_base, clip_folder, layout):
     with torch.no_grad():
         assert (after.model(TOKENS, images) - before.model(TOKENS, images)).abs().max() <= 1e-5
         assert (after.model(TOKENS, images) - model(TOKENS, images)).abs().max() <= 1e-5
+    image = make_image(tmp_path / "red.png")
+    chat = run_cli("chat", "--model", tmp_path / "merged", "--image", image, "--prompt", "What colour is it?",
+                   "--temperature", "0", "--max-new-tokens", "4")
+    assert chat.returncode == 0 and "Traceback" not in chat.stderr, chat.stderr
 
 
 def test_merge_refuses_to_overwrite(tmp_path, tiny_official):

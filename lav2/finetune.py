@@ -1,0 +1,818 @@
+"""`lav2 finetune RECIPE.yaml`: the training loop of LLaMA-Adapter V2.
+
+One optimizer step is either a caption step, which updates only the visual group, or an instruction step,
+which updates only the language group (DESIGN.md §1.4). Each group has its own AdamW, and only the group of
+the step is stepped: AdamW's weight decay and momentum would move a parameter even with a zero gradient.
+
+The output folder is a lav2 model folder from the first step on (lav2.json with "base" pointing to the base
+folder, adapter.safetensors, tokenizer.model), plus the run's own files:
+
+    run.json             the recipe and overrides the run was started with
+    state/latest         the name of the last complete checkpoint, replaced atomically
+    state/step-NNNNNNN/  adapter.safetensors, optimizer-{visual,language}.pt, rng.safetensors, trainer.json
+    metrics.jsonl        one line per step, and evaluations
+    loss.png             the loss curve
+
+A checkpoint is written into a hidden partial folder and renamed into place, so a crash, a full disk or
+kill -9 leaves the previous one intact; `--resume` continues from `state/latest` with the same batches, the
+same optimizer state and the same random state, so the result is bitwise that of an uninterrupted run.
+
+Several processes (torchrun) split every global batch between them and all-reduce the gradients of the
+trainable tensors only; the frozen base is never synchronised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+
+from lav2 import checkpoint
+from lav2.data import IGNORE_INDEX, Batch, PreparedData, prepare
+from lav2.errors import Lav2Error
+from lav2.model import Config, LLaMAAdapter, adapter_state_dict, count_params, mark_trainable, param_groups
+from lav2.recipe import Recipe, check_data_files, load_recipe
+from lav2.tokenizer import Tokenizer
+
+RUN_FILE, STATE_DIR, LATEST, METRICS_FILE, LOSS_PLOT = "run.json", "state", "latest", "metrics.jsonl", "loss.png"
+GROUP_OF = {"caption": "visual", "instruction": "language"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BETAS = (0.9, 0.95)  # the official LLaMA-Adapter training scripts
+
+
+# --- processes and devices ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place among torchrun's processes (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+
+def init_distributed(device_kind: str) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    return Dist(torch.distributed.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def pick_device(wanted: str, where: str) -> str:
+    """"cuda" or "cpu" for train.device auto/cpu/cuda; asking for a GPU that is not there is an error."""
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise Lav2Error(f"{where}: train.device is cuda but no CUDA GPU is visible to torch; set train.device: cpu "
+                        f"(or auto), or check the driver and CUDA_VISIBLE_DEVICES")
+    return "cuda" if wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+# --- the model ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """The model to train and what was read to build it."""
+
+    model: LLaMAAdapter
+    config: Config
+    tokenizer: Tokenizer
+    tokenizer_path: Path
+    preprocess: Optional[Callable]
+    base_dir: Path
+    clip_spec: Optional[dict]  # what the output's lav2.json names: None when inherited from the base folder
+    adapter_keys: list[str]  # the tensors an adapter file holds, in a fixed order
+    counts: dict[str, int]  # model.count_params of the unquantized model
+
+
+def resolve_base(base: str, where: str) -> Path:
+    """A model folder path as it is, a registry name under $LAV2_HOME (made by `lav2 download NAME`)."""
+    path = Path(base)
+    if path.is_absolute():
+        if not path.is_dir():
+            raise Lav2Error(f"{where}: base {path} is not a folder; give a lav2 model folder made by `lav2 download`")
+        return path
+    home = Path(os.environ.get("LAV2_HOME") or Path.home() / ".cache" / "lav2").expanduser()
+    if not (home / base).is_dir():
+        raise Lav2Error(f"{where}: base {base!r} is not downloaded ({home / base} is missing); run "
+                        f"`lav2 download {base}` first, or give a model folder path")
+    return home / base
+
+
+def build_model(recipe: Recipe, base_dir: Path, device: str) -> Setup:
+    """The base LLaMA (frozen, in the training precision) with the recipe's adapter layout on top, adapters
+    initialised from train.seed, CLIP attached, float32 trainables."""
+    info = checkpoint.read_folder_info(base_dir)
+    if info.get("adapter"):
+        raise Lav2Error(f"{base_dir}: is a fine-tuned model folder; give the plain LLaMA folder it builds on "
+                        f"(its lav2.json 'base') as the recipe's base")
+    try:
+        base_config = Config.from_dict(info["config"])
+        config = base_config.with_layout(Config.from_name(recipe.layout))
+    except (KeyError, ValueError) as e:
+        raise Lav2Error(f"{recipe.path}: layout {recipe.layout} does not fit the base {base_dir} ({e})") from None
+    if recipe.train.max_seq_len > config.max_seq_len:
+        raise Lav2Error(f"{recipe.path}: train.max_seq_len {recipe.train.max_seq_len} exceeds the base's "
+                        f"{config.max_seq_len} positions; lower it")
+    state, clip_spec, clip_folder = checkpoint.collect_weights(base_dir, info)
+    with torch.device("meta"):
+        shapes = LLaMAAdapter(config)
+    names = {k for k in checkpoint.base_state_names(shapes) if not k.startswith("visual.")}  # LayerNorms there
+    expected = {k: v for k, v in shapes.state_dict().items() if k in names}
+    checkpoint.check_state(state, expected, f"base {base_dir}")
+    dtype = torch.float32 if device == "cpu" and recipe.train.precision == "float32" else DTYPES[recipe.train.precision]
+    torch.manual_seed(recipe.train.seed)
+    # Built for real on the CPU: the frozen matrices are torch.empty (no memory touched until assigned below),
+    # the adapters get their init from the seed.
+    model = LLaMAAdapter(config)
+    model.load_state_dict({k: v.to(torch.float32 if k.endswith("norm.weight") else dtype) for k, v in state.items()},
+                          strict=False, assign=True)
+    del state
+    if recipe.train.load_in_8bit:
+        from lav2.quantize import quantize_8bit_
+
+        quantize_8bit_(model)
+    model.to(device)
+    preprocess, out_clip = None, None
+    if config.visual_len:
+        if clip_spec is None:
+            if config.clip_dim != 768:
+                raise Lav2Error(f"{base_dir}: names no CLIP and layout {recipe.layout} needs a {config.clip_dim}-wide "
+                                f"one; import the base with `lav2 download ... --clip DIR`")
+            clip_spec = out_clip = {"name": "ViT-L-14", "pretrained": "openai"}
+        model.visual.clip, transform = checkpoint.load_clip(clip_spec, clip_folder, device)
+        model.visual.clip.to(dtype)
+        preprocess = checkpoint.make_preprocess(transform, bgr=config.bgr)
+    mark_trainable(model)
+    for _, p in trainable_params(model):
+        p.data = p.data.float()
+    tokenizer_path = base_dir / checkpoint.TOKENIZER_FILE
+    return Setup(model, config, Tokenizer(tokenizer_path), tokenizer_path, preprocess, base_dir, out_clip,
+                 sorted(adapter_state_dict(shapes)), count_params(shapes))
+
+
+def trainable_params(model: LLaMAAdapter) -> list[tuple[str, torch.nn.Parameter]]:
+    groups = param_groups(model)
+    return groups["visual"] + groups["language"]
+
+
+def adapter_tensors(setup: Setup) -> dict[str, torch.Tensor]:
+    """What the adapter file holds (named from an unquantized model, so that 8-bit internals stay out)."""
+    state = setup.model.state_dict()
+    return {k: state[k].detach().cpu() for k in setup.adapter_keys}
+
+
+# --- optimizers and schedule -------------------------------------------------------------------------------
+
+
+def no_decay(name: str, p: torch.Tensor) -> bool:
+    """Gates, norms, biases and scales keep their values without decay (timm's rule, as the release)."""
+    return p.ndim <= 1 or name.endswith((".gate", ".new_gate", ".bias", ".scale"))
+
+
+def make_optimizer(named: list[tuple[str, torch.nn.Parameter]], recipe: Recipe) -> torch.optim.Optimizer:
+    t = recipe.train
+    decay = [p for n, p in named if t.decay_on_gates_norms or not no_decay(n, p)]
+    keep = [p for n, p in named if not t.decay_on_gates_norms and no_decay(n, p)]
+    groups = [g for g in ({"params": decay, "weight_decay": t.weight_decay}, {"params": keep, "weight_decay": 0.0})
+              if g["params"]]
+    if t.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise Lav2Error("train.optimizer adamw8bit needs bitsandbytes: pip install 'lav2[8bit]'") from None
+        return bnb.optim.AdamW8bit(groups, lr=0.0, betas=BETAS)
+    return torch.optim.AdamW(groups, lr=0.0, betas=BETAS)
+
+
+def lr_factor(step: int, total: int, recipe: Recipe) -> float:
+    """Linear warmup over warmup_steps, then the schedule down to min_lr (as a fraction of the peak)."""
+    t = recipe.train
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, total - t.warmup_steps)
+    if t.schedule == "constant":
+        return 1.0
+    if t.schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def group_lr(group: str, step: int, total: int, recipe: Recipe) -> float:
+    peak = getattr(recipe.train.lr, group)
+    floor = min(recipe.train.min_lr, peak)
+    return floor + (peak - floor) * lr_factor(step, total, recipe)
+
+
+def step_kind(step: int, recipe: Recipe) -> str:
+    """"caption" or "instruction" for this step: a pure function of (seed, step), so resuming needs no state."""
+    t = recipe.train
+    if t.phase_mode == "two-phase":
+        return "caption" if step < t.visual_steps else "instruction"
+    return "caption" if random.Random(f"{t.seed}/kind/{step}").random() < t.caption_ratio else "instruction"
+
+
+def total_steps(recipe: Recipe, data: PreparedData) -> int:
+    t = recipe.train
+    if t.steps is not None:
+        return t.steps
+    examples = sum(m.epoch_len for m in (data.instruction, data.caption) if m is not None)
+    return max(1, math.ceil(t.epochs * examples / t.global_batch_size))
+
+
+# --- loss --------------------------------------------------------------------------------------------------
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of next-token prediction in float32: logits at t predict labels at t + 1."""
+    logits, targets = logits[:, :-1].float(), labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+
+
+def supervised_tokens(batch: Batch) -> int:
+    return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+# --- the trainer -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepResult:
+    step: int
+    kind: str
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int
+    seconds: float
+
+
+@dataclass
+class Trainer:
+    recipe: Recipe
+    out: Path
+    setup: Setup
+    data: PreparedData
+    device: str
+    dist: Dist = field(default_factory=Dist)
+    demo: bool = False  # the offline demo: evaluated on its held-out images after training
+    step: int = 0
+    total: int = 0
+    positions: dict[str, int] = field(default_factory=lambda: {"instruction": 0, "caption": 0})
+
+    def __post_init__(self):
+        t = self.recipe.train
+        model = self.setup.model
+        model.gradient_checkpointing = t.gradient_checkpointing
+        self.params = param_groups(model)
+        self.optimizers = {g: make_optimizer(named, self.recipe) for g, named in self.params.items() if named}
+        per_step = t.micro_batch_size * self.dist.world
+        if t.global_batch_size % per_step:
+            raise Lav2Error(f"{self.recipe.path}: train.global_batch_size {t.global_batch_size} is not a multiple of "
+                            f"micro_batch_size x processes ({t.micro_batch_size} x {self.dist.world})")
+        self.accumulation = t.global_batch_size // per_step
+        self.batches = {kind: self.data.batches(kind, t.micro_batch_size, seed=t.seed)
+                        for kind in ("instruction", "caption") if getattr(self.data, kind) is not None}
+        self.dtype = DTYPES[t.precision]
+        self.scaler = torch.amp.GradScaler(self.device) if t.precision == "float16" else None
+        self.total = self.total or total_steps(self.recipe, self.data)
+
+    # One optimizer step ---------------------------------------------------------------------------------
+
+    def micro_batches(self, kind: str) -> list[Batch]:
+        """This process's share of the global batch at the current data position of `kind`."""
+        if kind not in self.batches:
+            raise Lav2Error(f"{self.recipe.path}: step {self.step} is a {kind} step but the recipe has no {kind} "
+                            f"data; add data.{kind} or set train.caption_ratio")
+        it, start, m = self.batches[kind], self.positions[kind], self.recipe.train.micro_batch_size
+        micro = []
+        for a in range(self.accumulation):
+            it.position = start + (a * self.dist.world + self.dist.rank) * m
+            micro.append(next(it))
+        self.positions[kind] = start + self.recipe.train.global_batch_size
+        return micro
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum over processes (on this process's device: NCCL reduces GPU tensors only); returns the sum."""
+        if self.dist.world == 1:
+            return tensor
+        on_device = tensor.to(self.device)
+        torch.distributed.all_reduce(on_device)
+        return on_device.to(tensor.device)
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device, dtype=self.dtype)
+
+    def train_step(self, kind: Optional[str] = None) -> StepResult:
+        """One optimizer step of `kind` (default: what the schedule gives); raises Lav2Error on a non-finite loss."""
+        start = time.perf_counter()
+        kind = kind or step_kind(self.step, self.recipe)
+        group = GROUP_OF[kind]
+        if group not in self.optimizers:
+            raise Lav2Error(f"{self.recipe.path}: layout {self.recipe.layout} has no {group} parameters but step "
+                            f"{self.step} is a {kind} step; set train.caption_ratio to "
+                            f"{0 if kind == 'caption' else 1}")
+        model, named = self.setup.model, self.params[group]
+        mark_trainable(model, (group,))  # the other group gets no gradient, so no work and no way to move
+        model.train()
+        micro = [b.to(self.device) for b in self.micro_batches(kind)]
+        # Normalise by the supervised tokens of the whole global batch, so that any split over processes and
+        # accumulation steps gives the same gradient.
+        count = self.all_reduce(torch.tensor(float(sum(supervised_tokens(b) for b in micro))))
+        total_loss = torch.zeros((), dtype=torch.float64)
+        for batch in micro:
+            with self.autocast():
+                logits = model(batch.tokens, batch.images, image_mask=batch.image_mask)
+            loss = loss_sum(logits, batch.labels) / count.clamp(min=1).to(logits.device)
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total_loss += loss.detach().double().cpu()
+        params = [p for _, p in named]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if self.dist.world > 1:
+            flat = self.all_reduce(torch.cat([g.reshape(-1) for g in grads]))
+            for p, g in zip(params, flat.split([g.numel() for g in grads])):
+                p.grad = g.view_as(p)
+        loss_value = float(self.all_reduce(total_loss))
+        optimizer = self.optimizers[group]
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(params, self.recipe.train.grad_clip or float("inf"))
+        if not math.isfinite(loss_value) or (not self.scaler and not torch.isfinite(norm)):
+            what = f"loss is {loss_value}" if not math.isfinite(loss_value) else f"gradient norm is {float(norm)}"
+            raise Lav2Error(f"step {self.step + 1}: the {kind} {what}; stopped without saving it. The last good "
+                            f"checkpoint ({self.last_saved_step()}) is intact in {self.out}; lower train.lr or check "
+                            f"the data, then run again with --resume")
+        lr = group_lr(group, self.step, self.total, self.recipe)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        tokens = self.all_reduce(torch.tensor(sum(b.tokens.numel() for b in micro)))
+        return StepResult(self.step, kind, loss_value, lr, float(norm), int(tokens), time.perf_counter() - start)
+
+    # Checkpoints ----------------------------------------------------------------------------------------
+
+    @property
+    def state_dir(self) -> Path:
+        return self.out / STATE_DIR
+
+    def last_saved_step(self) -> str:
+        latest = self.state_dir / LATEST
+        return latest.read_text().strip() if latest.is_file() else "none"
+
+    def save(self) -> None:
+        """Write a complete checkpoint of the current step, then make it the latest and the model folder's."""
+        if not self.dist.main:
+            return
+        name = f"step-{self.step:07d}"
+        self.state_dir.mkdir(exist_ok=True)
+        partial = self.state_dir / f".{name}.partial-{os.getpid()}"
+        try:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir()
+            self.write_state(partial)
+            final = self.state_dir / name
+            shutil.rmtree(final, ignore_errors=True)
+            partial.rename(final)
+            replace_file(self.state_dir / LATEST, name + "\n")
+            publish(final, self.out)
+        except OSError as e:
+            shutil.rmtree(partial, ignore_errors=True)
+            reason = os.strerror(e.errno) if e.errno else str(e)
+            raise Lav2Error(f"could not write the step {self.step} checkpoint in {self.state_dir} ({reason}); the last "
+                            f"good checkpoint ({self.last_saved_step()}) is intact: free space, then run again with "
+                            f"--resume") from None
+        for old in self.state_dir.glob("step-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def write_state(self, folder: Path) -> None:
+        s = self.setup
+        checkpoint.write_folder(folder, config=s.config, layout=self.recipe.layout, tokenizer=s.tokenizer_path,
+                                base=os.path.relpath(s.base_dir, self.out), adapter=adapter_tensors(s),
+                                clip_spec=s.clip_spec, prompt_style=self.recipe.prompt_style,
+                                source=dict(recipe=str(self.recipe.path), step=self.step))
+        for group, optimizer in self.optimizers.items():
+            torch.save(optimizer.state_dict(), folder / f"optimizer-{group}.pt")
+        if self.scaler:
+            torch.save(self.scaler.state_dict(), folder / "scaler.pt")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng.update({f"cuda{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})
+        checkpoint.save_tensors(rng, folder / "rng.safetensors")
+        version, internal, gauss = random.getstate()
+        trainer = dict(step=self.step, total=self.total, positions=self.positions,
+                       python_random=[version, list(internal), gauss])
+        (folder / "trainer.json").write_text(json.dumps(trainer) + "\n")
+
+    def load(self) -> None:
+        """Continue from state/latest: trainables, optimizers, RNG, data positions and step."""
+        name = self.last_saved_step()
+        folder = self.state_dir / name
+        if name == "none" or not folder.is_dir():
+            raise Lav2Error(f"{self.out}: has no complete checkpoint to resume from (state/{LATEST} is missing); "
+                            f"remove the folder and start again")
+        adapter = checkpoint.read_safetensors(folder / checkpoint.ADAPTER_FILE)
+        expected = adapter_tensors(self.setup)
+        checkpoint.check_state(adapter, expected, f"checkpoint {folder}")
+        self.setup.model.load_state_dict(adapter, strict=False)  # copies into the float32 trainables
+        for group, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(torch.load(folder / f"optimizer-{group}.pt", map_location=self.device,
+                                                 weights_only=True))
+        if self.scaler:
+            self.scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+        rng = checkpoint.read_safetensors(folder / "rng.safetensors")
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available() and "cuda0" in rng:
+            torch.cuda.set_rng_state_all([rng[f"cuda{i}"] for i in range(torch.cuda.device_count())
+                                          if f"cuda{i}" in rng])
+        trainer = json.loads((folder / "trainer.json").read_text())
+        version, internal, gauss = trainer["python_random"]
+        random.setstate((version, tuple(internal), gauss))
+        self.step, self.positions = trainer["step"], trainer["positions"]
+        if self.recipe.train.steps is None:
+            self.total = trainer["total"]  # an epoch count fixed the length when the run started
+        publish(folder, self.out)  # a crash may have come between a checkpoint and its publication
+
+
+def replace_file(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def publish(state: Path, out: Path) -> None:
+    """Make a checkpoint's model files the output folder's, each replaced atomically (hard links: no copy)."""
+    for name in (checkpoint.CONFIG_FILE, checkpoint.ADAPTER_FILE, checkpoint.TOKENIZER_FILE):
+        tmp = out / f".{name}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(state / name, tmp)
+        except OSError:
+            shutil.copyfile(state / name, tmp)
+        os.replace(tmp, out / name)
+
+
+# --- Ctrl-C ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[Callable[[], bool]]:
+    """A first Ctrl-C only sets a flag, read between steps (so a step is never half applied); a second one
+    interrupts at once."""
+    hits = []
+
+    def handler(signum, frame):
+        hits.append(signum)
+        if len(hits) > 1:
+            raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: no signal handling there
+        yield lambda: False
+        return
+    try:
+        yield lambda: bool(hits)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# --- metrics, plot, progress -------------------------------------------------------------------------------
+
+
+def read_metrics(out: Path) -> list[dict]:
+    path = out / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def truncate_metrics(out: Path, step: int) -> None:
+    """Drop the lines of steps after the checkpoint a resumed run continues from (they will be redone)."""
+    kept = [m for m in read_metrics(out) if m.get("step", 0) <= step and "eval" not in m]
+    replace_file(out / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in kept))
+
+
+def append_metrics(out: Path, record: dict) -> None:
+    with open(out / METRICS_FILE, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def plot_loss(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in read_metrics(out) if "loss" in m]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for kind in ("caption", "instruction"):
+        points = [(m["step"], m["loss"]) for m in metrics if m["kind"] == kind]
+        if points:
+            steps, losses = zip(*points)
+            ax.plot(steps, losses, ".", markersize=2, alpha=0.3)
+            window = max(1, len(losses) // 50)
+            smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1])
+                      for i in range(len(losses))]
+            ax.plot(steps, smooth, label=f"{kind} (moving mean of {window})", color=ax.lines[-1].get_color())
+    ax.set(xlabel="step", ylabel="loss", yscale="log", title=out.name)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / f".{LOSS_PLOT}.tmp.png", dpi=100)
+    plt.close(fig)
+    os.replace(out / f".{LOSS_PLOT}.tmp.png", out / LOSS_PLOT)
+
+
+def progress_bar(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[info]}"),
+                    TextColumn("ETA"), TimeRemainingColumn(), disable=not enabled)
+
+
+def step_info(r: StepResult, device: str) -> str:
+    info = f"{r.kind[:4]} loss {r.loss:.3f} lr {r.lr:.2e} {r.tokens / r.seconds:,.0f} tok/s"
+    if device == "cuda":
+        info += f" {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    return info
+
+
+# --- the run -----------------------------------------------------------------------------------------------
+
+
+def check_run_folder(out: Path, *, resume: bool) -> None:
+    """A resumed run needs its folder; a fresh one must not overwrite anything."""
+    if resume and not (out / RUN_FILE).is_file():
+        raise Lav2Error(f"{out}: no run to resume there (no {RUN_FILE}); drop --resume to start one")
+    if not resume and out.exists():
+        raise Lav2Error(f"{out} already exists; continue that run with --resume, or choose another --out")
+
+
+def create_run_folder(recipe: Recipe, out: Path, *, overrides: list[str], dist: Dist) -> None:
+    """Create `out` atomically, with the demo's generated base and data when the recipe is the demo."""
+    dist.barrier()  # every process has checked `out` before the main one creates it
+    if dist.main:
+        with checkpoint.atomic_folder(out) as tmp:
+            if isinstance(recipe.base, dict):
+                from lav2 import demo
+
+                demo.generate(recipe, tmp)
+            run = dict(recipe=str(recipe.path), overrides=overrides, started=time.strftime("%Y-%m-%d %H:%M:%S"))
+            (tmp / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
+    dist.barrier()
+
+
+def run(recipe_path, *, overrides: list[str] = (), out: Optional[Path] = None, resume: bool = False) -> Path:
+    """Fine-tune as the recipe says; writes (or with resume continues) the model folder `out` (default: the
+    recipe's output). Returns the folder."""
+    trainer = start(recipe_path, overrides=overrides, out=out, resume=resume)
+    train(trainer)
+    if trainer.dist.main and trainer.demo:
+        from lav2 import demo
+
+        result = demo.evaluate(trainer.setup, trainer.recipe, trainer.out)
+        append_metrics(trainer.out, {"step": trainer.step, "eval": result})
+        print(demo.format_result(result))
+    if trainer.dist.world > 1:
+        torch.distributed.destroy_process_group()
+    return trainer.out
+
+
+def start(recipe_path, *, overrides: list[str] = (), out: Optional[Path] = None, resume: bool = False) -> Trainer:
+    """Everything before the first step: the recipe, the run folder, the model, the data, the checkpoint."""
+    overrides = list(overrides)
+    recipe = load_recipe(recipe_path, overrides)
+    out = Path(out).resolve() if out else Path(recipe.output)
+    device = pick_device(recipe.train.device, str(recipe.path))
+    dist = init_distributed(device)
+    if device == "cuda":
+        device = f"cuda:{dist.local_rank}"
+        torch.cuda.set_device(device)
+    check_run_folder(out, resume=resume)
+    is_demo = isinstance(recipe.base, dict)
+    if is_demo:  # its base and data are generated into the run folder: create it first
+        from lav2 import demo
+
+        if not resume:
+            create_run_folder(recipe, out, overrides=overrides, dist=dist)
+        recipe = demo.materialise(recipe, out)
+    else:
+        check_data_files(recipe)
+    # Bad input fails here, before a new run folder exists.
+    setup = build_model(recipe, resolve_base(recipe.base, str(recipe.path)), device)
+    data = prepare(recipe, setup.tokenizer, setup.preprocess)
+    if not resume and not is_demo:
+        create_run_folder(recipe, out, overrides=overrides, dist=dist)
+    trainer = Trainer(recipe, out, setup, data, device, dist, demo=is_demo)
+    if dist.world > 1:  # the same start everywhere, whatever each process's init did
+        for _, p in trainable_params(setup.model):
+            torch.distributed.broadcast(p.data, 0)
+    if dist.main:
+        for line in data.messages():
+            print(line, file=sys.stderr)
+    if resume and (out / STATE_DIR / LATEST).is_file():
+        trainer.load()
+        if dist.main:
+            truncate_metrics(out, trainer.step)
+    elif dist.main:
+        (out / METRICS_FILE).unlink(missing_ok=True)
+        trainer.save()  # step 0: there is always a last good checkpoint
+    return trainer
+
+
+def train(trainer: Trainer) -> None:
+    """Steps until the total, checkpoints every train.checkpoint_every steps and at the end; Ctrl-C saves."""
+    every, out, main = trainer.recipe.train.checkpoint_every, trainer.out, trainer.dist.main
+    started, tokens, first = time.perf_counter(), 0, trainer.step
+    with deferred_interrupt() as interrupted, progress_bar(main) as bar:
+        task = bar.add_task("train", total=trainer.total, completed=trainer.step, info="")
+        while trainer.step < trainer.total:
+            result = trainer.train_step()
+            tokens += result.tokens
+            if main:
+                append_metrics(out, dict(step=result.step, kind=result.kind, loss=result.loss, lr=result.lr,
+                                         grad_norm=result.grad_norm, tokens=result.tokens,
+                                         tokens_per_s=result.tokens / result.seconds))
+                bar.update(task, completed=trainer.step, info=step_info(result, trainer.device))
+            stop = interrupted()
+            if trainer.dist.world > 1:
+                stop = bool(trainer.all_reduce(torch.tensor(int(stop))).item())
+            if stop or (every and trainer.step % every == 0) or trainer.step == trainer.total:
+                trainer.save()
+                if main:
+                    plot_loss(out)
+            if stop:
+                if main:
+                    print(f"interrupted: saved step {trainer.step} in {out}; continue with "
+                          f"`lav2 finetune {trainer.recipe.path} --out {out} --resume`", file=sys.stderr)
+                raise KeyboardInterrupt
+    if main:
+        print_summary(trainer, time.perf_counter() - started, tokens, trainer.step - first)
+
+
+def print_summary(trainer: Trainer, seconds: float, tokens: int, steps: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    metrics = [m for m in read_metrics(trainer.out) if "loss" in m]
+    table = Table(title=f"finetune: {trainer.recipe.path.name}", show_header=False)
+    table.add_row("output", str(trainer.out))
+    table.add_row("steps", f"{trainer.step} ({steps} in this session, {seconds:.0f} s, "
+                           f"{tokens / max(seconds, 1e-9):,.0f} tokens/s)")
+    for kind in ("caption", "instruction"):
+        losses = [m["loss"] for m in metrics if m["kind"] == kind]
+        if losses:
+            last = losses[-max(1, len(losses) // 10):]
+            table.add_row(f"{kind} loss", f"first {losses[0]:.3f}, last 10% mean {sum(last) / len(last):.3f} "
+                                          f"({len(losses)} steps)")
+    counts = trainer.setup.counts
+    table.add_row("trainable", f"visual {counts['visual']:,}, language {counts['language']:,} "
+                               f"(base {counts['base']:,} frozen)")
+    table.add_row("chat", f"lav2 chat --model {trainer.out}")
+    Console(stderr=True).print(table)
+
+
+# --- memory: measured activations, extrapolated totals -----------------------------------------------------
+
+
+@contextlib.contextmanager
+def track_graph_memory() -> Iterator[dict]:
+    """Bytes that a forward leaves alive for the backward, two ways (filled in when the block exits):
+
+    "graph_bytes": every storage created inside the block and still alive at its end (a TorchDispatchMode sees
+    each op's outputs), so tensors kept by checkpoint frames or stashed on a custom Function's ctx count too;
+    "saved_tensors_bytes": what autograd's save_for_backward hands to saved_tensors_hooks, which misses both.
+    Hold only the loss when the block ends (drop logits and other outputs you do not want counted).
+    """
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    created: dict[int, tuple[StorageWeakRef, int]] = {}
+    saved: dict[int, int] = {}
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                      if isinstance(t, torch.Tensor)}
+            for t in tree_leaves(out):  # new storages only: views and in-place results share their input's
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    storage = t.untyped_storage()
+                    if storage.data_ptr() not in inputs:
+                        created[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+            return out
+
+    def pack(t: torch.Tensor):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    result: dict = {}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Track():
+        yield result
+    result["graph_bytes"] = sum(n for ref, n in created.values() if not ref.expired())
+    result["saved_tensors_bytes"] = sum(saved.values())
+
+
+def activation_bytes(model: LLaMAAdapter, batch: Batch, *, dtype: torch.dtype = torch.float32) -> dict:
+    """What one training forward of `batch` keeps for its backward (see track_graph_memory); model.train()."""
+    model.train()
+    autocast = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(batch.tokens.device.type, dtype)
+    with track_graph_memory() as measured:
+        with autocast:
+            loss = loss_sum(model(batch.tokens, batch.images, image_mask=batch.image_mask), batch.labels)
+    loss.backward()  # also checks that the measured graph is a working one
+    model.zero_grad(set_to_none=True)
+    return measured
+
+
+def estimate_memory(layout: str = "paper-7b", *, micro_batch_size: int = 4, seq_len: int = 512,
+                    precision: str = "bfloat16", load_in_8bit: bool = False, gradient_checkpointing: bool = False,
+                    optimizer: str = "adamw", measure_tokens: int = 64, clip_params: int = 303_966_976) -> dict:
+    """Peak training memory of a layout on one GPU, in bytes: an estimate, not a GPU measurement.
+
+    One transformer block at the layout's full width is run on the CPU (bf16 autocast as on a GPU, bitsandbytes
+    8-bit when asked) for `measure_tokens` tokens; its kept activations, measured with track_graph_memory, are
+    scaled linearly to micro_batch_size x seq_len tokens (attention is a fused kernel: linear in length) and to
+    n_layers (with gradient checkpointing: each block keeps its input, and one block is recomputed at a time).
+    Weights, trainables, gradients and AdamW state are counted from the config; the output head's float32
+    logits from B x T x vocab. CLIP (ViT-L/14: `clip_params`) is frozen and runs without gradients. Not counted:
+    the CUDA context and allocator slack (add 1-2 GiB), the visual branch's activations (small).
+    """
+    config = Config.from_name(layout)
+    dtype = DTYPES[precision]
+    block_config = replace(config, n_layers=1, adapter_layers=1, visual_len=0, visual_layers=0)
+    torch.manual_seed(0)
+    model = LLaMAAdapter(block_config)
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            p.data = p.data.normal_(0, 0.02).to(dtype)
+    if load_in_8bit:
+        from lav2.quantize import quantize_8bit_
+
+        quantize_8bit_(model)
+    mark_trainable(model)
+    model.gradient_checkpointing = gradient_checkpointing
+    block = model.layers[0]
+    h = torch.randn(1, measure_tokens, config.dim, dtype=dtype, requires_grad=True)
+    prompt = model.adapter_query[0][None]
+    with track_graph_memory() as measured:
+        with torch.autocast("cpu", dtype) if dtype != torch.float32 else contextlib.nullcontext():
+            out = block(h, model.freqs_cis[:measure_tokens], None, prompt).float().sum()
+    del out
+    per_token_layer = measured["graph_bytes"] / measure_tokens
+    n_tokens = micro_batch_size * seq_len
+    act_bytes = 2 if dtype != torch.float32 else 4
+    if gradient_checkpointing:
+        activations = config.n_layers * n_tokens * config.dim * act_bytes + per_token_layer * n_tokens
+    else:
+        activations = config.n_layers * per_token_layer * n_tokens
+    with torch.device("meta"):  # counts from shapes only
+        full = LLaMAAdapter(config)
+    counts = count_params(full)
+    groups = param_groups(full)
+    trainable = sum(p.numel() for named in groups.values() for _, p in named)
+    matrices = sum(p.numel() for n, p in full.named_parameters()
+                   if n.startswith("layers.") and n.endswith(".weight") and p.ndim == 2)
+    embeddings = full.tok_embeddings.weight.numel() + full.output.weight.numel()
+    weight_bytes = (matrices * (1 if load_in_8bit else act_bytes) + embeddings * act_bytes
+                    + clip_params * act_bytes)
+    state_bytes = trainable * (4 + 4 + (2 if optimizer == "adamw8bit" else 8))
+    logits = 3 * n_tokens * config.vocab_size * 4  # float32 logits, their log-softmax, their gradient
+    total = weight_bytes + state_bytes + activations + logits
+    return dict(layout=layout, micro_batch_size=micro_batch_size, seq_len=seq_len, precision=precision,
+                load_in_8bit=load_in_8bit, gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
+                measured_block_bytes_per_token=per_token_layer, weights=weight_bytes, trainable_state=state_bytes,
+                activations=activations, logits=logits, total=total, total_gib=total / 2**30,
+                trainable_params=trainable, base_params=counts["base"], estimate=True)

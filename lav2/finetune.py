@@ -121,6 +121,18 @@ def resolve_base(base: str, where: str) -> Path:
     return home / base
 
 
+def check_inputs_exist(recipe: Recipe) -> None:
+    """One message for everything absent: the data files and the base model, each with where to get it."""
+    problems = []
+    for check in (lambda: check_data_files(recipe), lambda: resolve_base(recipe.base, str(recipe.path))):
+        try:
+            check()
+        except Lav2Error as e:
+            problems.append(str(e).removeprefix(f"{recipe.path.name}: ").removeprefix(f"{recipe.path}: "))
+    if problems:
+        raise Lav2Error(f"{recipe.path.name}: " + "; ".join(problems))
+
+
 def build_model(recipe: Recipe, base_dir: Path, device: str) -> Setup:
     """The base LLaMA (frozen, in the training precision) with the recipe's adapter layout on top, adapters
     initialised from train.seed, CLIP attached, float32 trainables."""
@@ -628,7 +640,7 @@ def start(recipe_path, *, overrides: list[str] = (), out: Optional[Path] = None,
             create_run_folder(recipe, out, overrides=overrides, dist=dist)
         recipe = demo.materialise(recipe, out)
     else:
-        check_data_files(recipe)
+        check_inputs_exist(recipe)
     # Bad input fails here, before a new run folder exists.
     setup = build_model(recipe, resolve_base(recipe.base, str(recipe.path)), device)
     data = prepare(recipe, setup.tokenizer, setup.preprocess)

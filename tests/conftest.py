@@ -28,6 +28,15 @@ TINY_CLIP = {
 }
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """Tiny models run fastest on one thread, and one thread does not stall when other processes load the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"

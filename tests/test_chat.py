@@ -31,15 +31,6 @@ GREEDY = dict(temperature=0, max_new_tokens=12)
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models decode fastest on one thread, and one thread does not stall when other processes load the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def folder(tiny_official, tmp_path_factory) -> Path:
     return make_lively_folder(tiny_official[1], tmp_path_factory.mktemp("chat") / "official")

@@ -438,7 +438,8 @@ class Loaded:
 def read_folder_info(folder: Path) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
-        raise Lav2Error(f"{folder}: no such model folder; `lav2 download` makes one")
+        what = "a file, not a model folder" if folder.exists() else "no such model folder"
+        raise Lav2Error(f"{folder}: {what}; `lav2 download` makes one")
     if not (folder / CONFIG_FILE).is_file():
         raise Lav2Error(f"{folder}: not a lav2 model folder (no {CONFIG_FILE}); import weights with "
                         f"`lav2 download PATH --out DIR`")

@@ -22,7 +22,7 @@ This file holds no file paths, tokenizer or sampling; see checkpoint.py, tokeniz
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
 import torch

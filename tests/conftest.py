@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
-from lav2 import checkpoint
+from lav2 import checkpoint, prompts
 from lav2.model import Config, LLaMAAdapter, adapter_state_dict, base_parameter_names
-from lav2.tokenizer import train_tokenizer
+from lav2.tokenizer import Tokenizer, train_tokenizer
 
 TEXTS = [
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
@@ -137,3 +138,27 @@ def make_image(path: Path, colour=(200, 30, 30), size: int = 48) -> Path:
     ImageDraw.Draw(image).ellipse((8, 8, size - 8, size - 8), fill=colour)
     image.save(path)
     return path
+
+
+# --- data tests: a tokenizer that knows the templates and the example files, a tiny transform ----------------
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "recipes" / "examples"
+
+
+@pytest.fixture(scope="session")
+def data_tokenizer(tmp_path_factory) -> Tokenizer:
+    texts = [prompts.ALPACA_WITH_INPUT, prompts.ALPACA_NO_INPUT, prompts.CHAT_SYSTEM, prompts.CHAT_TURN]
+    texts += [line for f in sorted(EXAMPLES.glob("*.json*")) for line in f.read_text().splitlines()]
+    return train_tokenizer(texts * 5, tmp_path_factory.mktemp("data_tok") / "tokenizer.model", vocab_size=400)
+
+
+def _to_tensor(image: Image.Image, size: int = 32) -> torch.Tensor:
+    """A stand-in for open_clip's transform: resize, then (3, H, W) floats in 0..1."""
+    image = image.resize((size, size))
+    return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1) / 255
+
+
+@pytest.fixture(scope="session")
+def preprocess():
+    return _to_tensor

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 import lav2
-from conftest import lav2_to_official, make_image, random_llama, write_clip_folder, write_meta_folder
+from conftest import lav2_to_official, make_image, random_llama, write_meta_folder
 from lav2 import checkpoint
 from lav2.errors import Lav2Error
 from lav2.model import Config, adapter_state_dict

@@ -14,7 +14,7 @@ from lav2.data import (IGNORE_INDEX, Batches, Example, Mixture, SourceDataset, c
 from lav2.errors import Lav2Error
 from lav2.prompts import CAPTION_INSTRUCTION, Turn
 from lav2.recipe import Source, load_recipe
-from tests.conftest_data import EXAMPLES, ROOT, data_tokenizer, preprocess  # noqa: F401 (fixtures)
+from conftest import EXAMPLES, ROOT
 
 BAD_DATA = ROOT / "tests" / "bad_inputs" / "data"
 

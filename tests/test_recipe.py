@@ -15,7 +15,7 @@ import pytest
 from lav2.data import collate, prepare
 from lav2.errors import Lav2Error
 from lav2.recipe import Recipe, check_data_files, load_recipe
-from tests.conftest_data import EXAMPLES, ROOT, data_tokenizer, preprocess  # noqa: F401 (fixtures)
+from conftest import EXAMPLES, ROOT
 
 BAD = sorted((ROOT / "tests" / "bad_inputs").glob("*.yaml"))
 

@@ -16,7 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, TextIO
 
-import torch
 
 from lav2.errors import Lav2Error
 from lav2.generate import Conversation, Sampling, open_image
@@ -31,18 +30,19 @@ HELP = """\
 # Control characters other than newline and tab: a model's bytes must not reach the terminal as escape sequences.
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def default_model_dir() -> Path:
-    return Path(os.environ.get("LAV2_HOME") or Path.home() / ".cache" / "lav2").expanduser() / "7b"
+    from lav2.download import lav2_home
+
+    return lav2_home() / "7b"
 
 
 # --- loading -----------------------------------------------------------------------------------------------
 
 
 def load_model(model_dir: Optional[Path], *, device: Optional[str], dtype: Optional[str], quantize: Optional[str]):
-    from lav2.checkpoint import load
+    from lav2.checkpoint import DTYPES, load
 
     if model_dir is None:
         model_dir = default_model_dir()

@@ -41,6 +41,9 @@ FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE, ADAPTER_FILE, CLIP_FILE, TOKENIZER_FILE = (
     "lav2.json", "model.safetensors", "adapter.safetensors", "clip.safetensors", "tokenizer.model")
 
+# dtypes by the names recipes, folders and command-line options use
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 # --- reading weight files safely ---------------------------------------------------------------------------
 
 
@@ -516,7 +519,6 @@ def make_preprocess(transform: Callable, *, bgr: bool) -> Callable:
 
 # --- merge -------------------------------------------------------------------------------------------------
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def merge(run_dir, *, out, dtype: Optional[str] = None) -> Path:

@@ -147,6 +147,11 @@ def format_model_table() -> Table:
     return table
 
 
+def lav2_home(home: Path | None = None) -> Path:
+    """Where model folders live by default: `home` if given, else $LAV2_HOME, else ~/.cache/lav2."""
+    return Path(home or os.environ.get("LAV2_HOME") or Path.home() / ".cache" / "lav2").expanduser()
+
+
 def download(
     source: str,
     *,
@@ -179,7 +184,7 @@ def fetch(
     home: Path | None = None,
 ) -> Fetched:
     """Fetch what `download` imports, without importing; same arguments as `download`."""
-    home = Path(home or os.environ.get("LAV2_HOME") or Path.home() / ".cache" / "lav2").expanduser()
+    home = lav2_home(home)
     hub = _Hub(token or None)
     entry = REGISTRY.get(source)
     base: str | Path = entry.base if entry else _base_source(source)

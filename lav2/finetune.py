@@ -32,7 +32,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from lav2 import checkpoint
+from lav2.download import lav2_home
 from lav2.data import IGNORE_INDEX, Batch, PreparedData, prepare
 from lav2.errors import Lav2Error
 from lav2.model import Config, LLaMAAdapter, adapter_state_dict, count_params, mark_trainable, param_groups
@@ -48,7 +49,6 @@ from lav2.tokenizer import Tokenizer
 
 RUN_FILE, STATE_DIR, LATEST, METRICS_FILE, LOSS_PLOT = "run.json", "state", "latest", "metrics.jsonl", "loss.png"
 GROUP_OF = {"caption": "visual", "instruction": "language"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BETAS = (0.9, 0.95)  # the official LLaMA-Adapter training scripts
 
 
@@ -114,7 +114,7 @@ def resolve_base(base: str, where: str) -> Path:
         if not path.is_dir():
             raise Lav2Error(f"{where}: base {path} is not a folder; give a lav2 model folder made by `lav2 download`")
         return path
-    home = Path(os.environ.get("LAV2_HOME") or Path.home() / ".cache" / "lav2").expanduser()
+    home = lav2_home()
     if not (home / base).is_dir():
         raise Lav2Error(f"{where}: base {base!r} is not downloaded ({home / base} is missing); run "
                         f"`lav2 download {base}` first, or give a model folder path")
@@ -154,7 +154,7 @@ def build_model(recipe: Recipe, base_dir: Path, device: str) -> Setup:
     names = {k for k in checkpoint.base_state_names(shapes) if not k.startswith("visual.")}  # LayerNorms there
     expected = {k: v for k, v in shapes.state_dict().items() if k in names}
     checkpoint.check_state(state, expected, f"base {base_dir}")
-    dtype = torch.float32 if device == "cpu" and recipe.train.precision == "float32" else DTYPES[recipe.train.precision]
+    dtype = torch.float32 if device == "cpu" and recipe.train.precision == "float32" else checkpoint.DTYPES[recipe.train.precision]
     torch.manual_seed(recipe.train.seed)
     # Built for real on the CPU: the frozen matrices are torch.empty (no memory touched until assigned below),
     # the adapters get their init from the seed.
@@ -308,7 +308,7 @@ class Trainer:
         self.accumulation = t.global_batch_size // per_step
         self.batches = {kind: self.data.batches(kind, t.micro_batch_size, seed=t.seed)
                         for kind in ("instruction", "caption") if getattr(self.data, kind) is not None}
-        self.dtype = DTYPES[t.precision]
+        self.dtype = checkpoint.DTYPES[t.precision]
         self.scaler = torch.amp.GradScaler(self.device) if t.precision == "float16" else None
         self.total = self.total or total_steps(self.recipe, self.data)
 
@@ -767,64 +767,3 @@ def activation_bytes(model: LLaMAAdapter, batch: Batch, *, dtype: torch.dtype = 
     loss.backward()  # also checks that the measured graph is a working one
     model.zero_grad(set_to_none=True)
     return measured
-
-
-def estimate_memory(layout: str = "paper-7b", *, micro_batch_size: int = 4, seq_len: int = 512,
-                    precision: str = "bfloat16", load_in_8bit: bool = False, gradient_checkpointing: bool = False,
-                    optimizer: str = "adamw", measure_tokens: int = 64, clip_params: int = 303_966_976) -> dict:
-    """Peak training memory of a layout on one GPU, in bytes: an estimate, not a GPU measurement.
-
-    One transformer block at the layout's full width is run on the CPU (bf16 autocast as on a GPU, bitsandbytes
-    8-bit when asked) for `measure_tokens` tokens; its kept activations, measured with track_graph_memory, are
-    scaled linearly to micro_batch_size x seq_len tokens (attention is a fused kernel: linear in length) and to
-    n_layers (with gradient checkpointing: each block keeps its input, and one block is recomputed at a time).
-    Weights, trainables, gradients and AdamW state are counted from the config; the output head's float32
-    logits from B x T x vocab. CLIP (ViT-L/14: `clip_params`) is frozen and runs without gradients. Not counted:
-    the CUDA context and allocator slack (add 1-2 GiB), the visual branch's activations (small).
-    """
-    config = Config.from_name(layout)
-    dtype = DTYPES[precision]
-    block_config = replace(config, n_layers=1, adapter_layers=1, visual_len=0, visual_layers=0)
-    torch.manual_seed(0)
-    model = LLaMAAdapter(block_config)
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            p.data = p.data.normal_(0, 0.02).to(dtype)
-    if load_in_8bit:
-        from lav2.quantize import quantize_8bit_
-
-        quantize_8bit_(model)
-    mark_trainable(model)
-    model.gradient_checkpointing = gradient_checkpointing
-    block = model.layers[0]
-    h = torch.randn(1, measure_tokens, config.dim, dtype=dtype, requires_grad=True)
-    prompt = model.adapter_query[0][None]
-    with track_graph_memory() as measured:
-        with torch.autocast("cpu", dtype) if dtype != torch.float32 else contextlib.nullcontext():
-            out = block(h, model.freqs_cis[:measure_tokens], None, prompt).float().sum()
-    del out
-    per_token_layer = measured["graph_bytes"] / measure_tokens
-    n_tokens = micro_batch_size * seq_len
-    act_bytes = 2 if dtype != torch.float32 else 4
-    if gradient_checkpointing:
-        activations = config.n_layers * n_tokens * config.dim * act_bytes + per_token_layer * n_tokens
-    else:
-        activations = config.n_layers * per_token_layer * n_tokens
-    with torch.device("meta"):  # counts from shapes only
-        full = LLaMAAdapter(config)
-    counts = count_params(full)
-    groups = param_groups(full)
-    trainable = sum(p.numel() for named in groups.values() for _, p in named)
-    matrices = sum(p.numel() for n, p in full.named_parameters()
-                   if n.startswith("layers.") and n.endswith(".weight") and p.ndim == 2)
-    embeddings = full.tok_embeddings.weight.numel() + full.output.weight.numel()
-    weight_bytes = (matrices * (1 if load_in_8bit else act_bytes) + embeddings * act_bytes
-                    + clip_params * act_bytes)
-    state_bytes = trainable * (4 + 4 + (2 if optimizer == "adamw8bit" else 8))
-    logits = 3 * n_tokens * config.vocab_size * 4  # float32 logits, their log-softmax, their gradient
-    total = weight_bytes + state_bytes + activations + logits
-    return dict(layout=layout, micro_batch_size=micro_batch_size, seq_len=seq_len, precision=precision,
-                load_in_8bit=load_in_8bit, gradient_checkpointing=gradient_checkpointing, optimizer=optimizer,
-                measured_block_bytes_per_token=per_token_layer, weights=weight_bytes, trainable_state=state_bytes,
-                activations=activations, logits=logits, total=total, total_gib=total / 2**30,
-                trainable_params=trainable, base_params=counts["base"], estimate=True)

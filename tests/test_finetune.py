@@ -345,14 +345,6 @@ def test_step_kinds_follow_caption_ratio_and_two_phase(tmp_path, visual_base):
     assert [finetune.step_kind(s, phased) for s in range(6)] == ["caption"] * 3 + ["instruction"] * 3
 
 
-def test_memory_estimate_counts_checkpointing_and_8bit():
-    plain = finetune.estimate_memory("tiny-paper", micro_batch_size=2, seq_len=64, precision="float32")
-    ckpt = finetune.estimate_memory("tiny-paper", micro_batch_size=2, seq_len=64, precision="float32",
-                                    gradient_checkpointing=True, load_in_8bit=True)
-    assert plain["estimate"] and ckpt["activations"] < plain["activations"] and ckpt["weights"] < plain["weights"]
-    assert plain["total"] == plain["weights"] + plain["trainable_state"] + plain["activations"] + plain["logits"]
-
-
 # --- the offline demo ----------------------------------------------------------------------------------------
 
 

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, TextIO
 
 
+from lav2.checkpoint import write_text_atomic
+from lav2.data import open_image
 from lav2.errors import Lav2Error
-from lav2.generate import Conversation, Sampling, open_image
+from lav2.generate import Conversation, Sampling
 
 HELP = """\
 /image PATH   show the model this image from now on (the conversation goes on)
@@ -134,16 +134,9 @@ class Session:
                               ensure_ascii=False) + "\n"
         else:
             text = transcript_markdown(str(loaded.folder), self.transcript)
-        tmp = None
         try:
-            with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False,
-                                             encoding="utf-8") as f:
-                tmp = Path(f.name)
-                f.write(text)
-            os.replace(tmp, path)
+            write_text_atomic(path, text)
         except OSError as e:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
             raise Lav2Error(f"cannot write the transcript to {path}: {e.strerror or e}") from None
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from lav2.errors import Lav2Error
 from lav2.prompts import CAPTION_INSTRUCTION, Turn, training_segments
@@ -333,10 +333,26 @@ def order(n: int, seed: int, epoch: int) -> list[int]:
 # ---------------------------------------------------------------------------------------------- batches
 
 
+def open_image(image: str | Path | Image.Image) -> Image.Image:
+    """A PIL image, or a file read into one (RGB); a missing, non-image or corrupt file is a Lav2Error."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    path = Path(image).expanduser()
+    if not path.is_file():
+        raise Lav2Error(f"{path}: no such image file" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        with Image.open(path) as opened:
+            opened.load()  # decode now: a truncated file fails here, not inside the model
+            return opened.convert("RGB")
+    except UnidentifiedImageError:
+        raise Lav2Error(f"{path}: not an image Pillow can read; give a JPEG, PNG, WebP or similar file") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise Lav2Error(f"{path}: the image is corrupt or truncated ({e})") from None
+
+
 def load_image(path: Path, preprocess: Preprocess) -> torch.Tensor:
     """Decode any Pillow mode (P, RGBA, L, CMYK, ...) to RGB, then the model's transform: a (3, H, W) tensor."""
-    with Image.open(path) as image:
-        return preprocess(image.convert("RGB"))
+    return preprocess(open_image(path))
 
 
 def collate(examples: list[Example], pad_id: int, preprocess: Preprocess | None = None,
@@ -357,7 +373,7 @@ def collate(examples: list[Example], pad_id: int, preprocess: Preprocess | None 
         try:
             images.append(load_image(example.image, preprocess))
             kept.append(example)
-        except (OSError, ValueError, SyntaxError) as e:
+        except Lav2Error as e:
             problem = f"{example.origin}: image {short_path(example.image)} cannot be read ({e})"
             if not skip_bad:
                 raise Lav2Error(f"{problem}; replace the image or set train.skip_bad_records: true") from None

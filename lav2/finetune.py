@@ -416,7 +416,7 @@ class Trainer:
             final = self.state_dir / name
             shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)
-            replace_file(self.state_dir / LATEST, name + "\n")
+            checkpoint.write_text_atomic(self.state_dir / LATEST, name + "\n")
             publish(final, self.out)
         except OSError as e:
             shutil.rmtree(partial, ignore_errors=True)
@@ -477,12 +477,6 @@ class Trainer:
         publish(folder, self.out)  # a crash may have come between a checkpoint and its publication
 
 
-def replace_file(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def publish(state: Path, out: Path) -> None:
     """Make a checkpoint's model files the output folder's, each replaced atomically (hard links: no copy)."""
     for name in (checkpoint.CONFIG_FILE, checkpoint.ADAPTER_FILE, checkpoint.TOKENIZER_FILE):
@@ -533,7 +527,7 @@ def read_metrics(out: Path) -> list[dict]:
 def truncate_metrics(out: Path, step: int) -> None:
     """Drop the lines of steps after the checkpoint a resumed run continues from (they will be redone)."""
     kept = [m for m in read_metrics(out) if m.get("step", 0) <= step and "eval" not in m]
-    replace_file(out / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in kept))
+    checkpoint.write_text_atomic(out / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in kept))
 
 
 def append_metrics(out: Path, record: dict) -> None:

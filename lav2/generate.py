@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 
 import torch
 
+from lav2.data import open_image
 from lav2.errors import Lav2Error
 from lav2.prompts import STOP_STRINGS, Turn, render_prompt
 
@@ -196,28 +197,6 @@ class TextStream:
         piece = upto[len(self.text):]
         self.text += piece
         return piece
-
-
-# --- images ------------------------------------------------------------------------------------------------
-
-
-def open_image(image: Union[str, Path, "Image.Image"]) -> "Image.Image":
-    """A PIL image, or a file read into one (RGB); a missing, non-image or corrupt file is a Lav2Error."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    path = Path(image).expanduser()
-    if not path.is_file():
-        raise Lav2Error(f"{path}: no such image file" + (" (it is a folder)" if path.is_dir() else ""))
-    try:
-        with Image.open(path) as opened:
-            opened.load()  # decode now: a truncated file fails here, not inside the model
-            return opened.convert("RGB")
-    except UnidentifiedImageError:
-        raise Lav2Error(f"{path}: not an image Pillow can read; give a JPEG, PNG, WebP or similar file") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise Lav2Error(f"{path}: the image is corrupt or truncated ({e})") from None
 
 
 # --- conversations -----------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from conftest import make_image
 from lav2 import checkpoint
 from lav2.errors import Lav2Error
-from lav2.generate import Conversation, Sampling, TextStream, answer, generate, open_image, sample
+from lav2.data import open_image
+from lav2.generate import Conversation, Sampling, TextStream, answer, generate, sample
 from lav2.prompts import STOP_STRINGS, Turn, render_prompt
 
 GREEDY = Sampling(temperature=0)

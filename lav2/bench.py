@@ -40,12 +40,9 @@ from typing import Callable, Optional
 import click
 import torch
 import torch.nn as nn
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from lav2.checkpoint import DTYPES
-from lav2.finetune import loss_sum
+from lav2.finetune import LiveBytes, loss_sum
 from lav2.generate import decode_one_token, prefill, sample
 from lav2.model import (Config, LLaMAAdapter, build_clip_visual, fold_adapters_, mark_trainable,
                         param_groups)
@@ -285,34 +282,6 @@ def bench_decode(*, config_name: str, dtype: str, image: bool, compile: bool, pr
 
 
 # --- memory tracking ---------------------------------------------------------------------------------------
-
-
-class LiveBytes(TorchDispatchMode):
-    """Bytes alive at once among the tensors created inside the block, op by op: `now` and `peak`.
-
-    The CPU has no torch.cuda.max_memory_allocated; this sees every op's outputs (forward, the backward the
-    block runs, checkpoint recomputation, optimizer state), so it counts what autograd saves and what an op
-    returns, but not memory private to a kernel nor allocator slack. Tensors that existed before the block
-    (the weights) are not counted: add them.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.now = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in tree_leaves(out):  # new storages only: views and in-place results share an input's
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                storage = t.untyped_storage()
-                if storage.data_ptr() not in inputs:
-                    self.live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
-        self.live = {p: (ref, n) for p, (ref, n) in self.live.items() if not ref.expired()}
-        self.now = sum(n for _, n in self.live.values())
-        self.peak = max(self.peak, self.now)
-        return out
 
 
 def tensor_bytes(module: nn.Module) -> int:

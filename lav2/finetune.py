@@ -38,10 +38,13 @@ from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from lav2 import checkpoint
-from lav2.download import lav2_home
 from lav2.data import IGNORE_INDEX, Batch, PreparedData, prepare
+from lav2.download import lav2_home
 from lav2.errors import Lav2Error
 from lav2.model import Config, LLaMAAdapter, adapter_state_dict, count_params, mark_trainable, param_groups
 from lav2.recipe import Recipe, check_data_files, load_recipe
@@ -709,45 +712,60 @@ def print_summary(trainer: Trainer, seconds: float, tokens: int, steps: int) -> 
     Console(stderr=True).print(table)
 
 
-# --- memory: measured activations, extrapolated totals -----------------------------------------------------
+# --- memory: what a step keeps alive, measured op by op ---------------------------------------------------
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes alive at once among the tensors created inside the block, op by op: `now` and `peak`.
+
+    The CPU has no torch.cuda.max_memory_allocated; this sees every op's outputs (forward, the backward the
+    block runs, checkpoint recomputation, optimizer state), so it counts what autograd saves and what an op
+    returns, but not memory private to a kernel nor allocator slack. Tensors that existed before the block
+    (the weights) are not counted: add them.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):  # new storages only: views and in-place results share an input's
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in inputs:
+                    self.live[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
+        self.live = {p: (ref, n) for p, (ref, n) in self.live.items() if not ref.expired()}
+        self.now = sum(n for _, n in self.live.values())
+        self.peak = max(self.peak, self.now)
+        return out
+
+    def alive_bytes(self) -> int:
+        """Bytes of the tracked storages still alive now (some may have died since the last op)."""
+        return sum(n for ref, n in self.live.values() if not ref.expired())
 
 
 @contextlib.contextmanager
 def track_graph_memory() -> Iterator[dict]:
     """Bytes that a forward leaves alive for the backward, two ways (filled in when the block exits):
 
-    "graph_bytes": every storage created inside the block and still alive at its end (a TorchDispatchMode sees
-    each op's outputs), so tensors kept by checkpoint frames or stashed on a custom Function's ctx count too;
+    "graph_bytes": every storage created inside the block and still alive at its end (LiveBytes), so tensors
+    kept by checkpoint frames or stashed on a custom Function's ctx count too;
     "saved_tensors_bytes": what autograd's save_for_backward hands to saved_tensors_hooks, which misses both.
     Hold only the loss when the block ends (drop logits and other outputs you do not want counted).
     """
-    from torch.multiprocessing.reductions import StorageWeakRef
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    created: dict[int, tuple[StorageWeakRef, int]] = {}
     saved: dict[int, int] = {}
-
-    class Track(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
-                      if isinstance(t, torch.Tensor)}
-            for t in tree_leaves(out):  # new storages only: views and in-place results share their input's
-                if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                    storage = t.untyped_storage()
-                    if storage.data_ptr() not in inputs:
-                        created[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
-            return out
 
     def pack(t: torch.Tensor):
         saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     result: dict = {}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), Track():
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), LiveBytes() as live:
         yield result
-    result["graph_bytes"] = sum(n for ref, n in created.values() if not ref.expired())
+    result["graph_bytes"] = live.alive_bytes()
     result["saved_tensors_bytes"] = sum(saved.values())
 
 

@@ -292,6 +292,12 @@ class AdapterLinear(nn.Module):
                 f"lora_rank={0 if self.lora_a is None else self.lora_a.shape[0]}")
 
 
+def adapter_linear(config: Config, name: str, fan_in: int, fan_out: int) -> AdapterLinear:
+    """The block linear `name` (wq ... w3) with the extras the config gives it."""
+    return AdapterLinear(fan_in, fan_out, bias=name in config.bias_targets, scale=name in config.scale_targets,
+                         lora_rank=config.lora_rank if name in config.lora_targets else 0)
+
+
 # --- 3. KV cache -------------------------------------------------------------------------------------------
 
 
@@ -334,9 +340,7 @@ class Attention(nn.Module):
         shapes = dict(wq=(config.dim, config.dim), wk=(config.dim, kv_dim), wv=(config.dim, kv_dim),
                       wo=(config.dim, config.dim))
         for name, (fan_in, fan_out) in shapes.items():
-            setattr(self, name, AdapterLinear(fan_in, fan_out, bias=name in config.bias_targets,
-                                              scale=name in config.scale_targets,
-                                              lora_rank=config.lora_rank if name in config.lora_targets else 0))
+            setattr(self, name, adapter_linear(config, name, fan_in, fan_out))
         # Every layer of an adapter model owns a gate, as the release does (its files hold one per layer);
         # a layer that receives no prompt never reads its gate and param_groups leaves it frozen.
         self.gate = nn.Parameter(torch.zeros(1, config.n_heads, 1, 1)) if config.has_prompts else None
@@ -396,9 +400,7 @@ class FeedForward(nn.Module):
         shapes = dict(w1=(config.dim, config.hidden_dim), w2=(config.hidden_dim, config.dim),
                       w3=(config.dim, config.hidden_dim))
         for name, (fan_in, fan_out) in shapes.items():
-            setattr(self, name, AdapterLinear(fan_in, fan_out, bias=name in config.bias_targets,
-                                              scale=name in config.scale_targets,
-                                              lora_rank=config.lora_rank if name in config.lora_targets else 0))
+            setattr(self, name, adapter_linear(config, name, fan_in, fan_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))

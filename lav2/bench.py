@@ -8,14 +8,15 @@ Models get random weights: speed and memory do not depend on the values. Every m
 (bias and scale on all seven linears, gated prompts in the top layers, the visual prompt in the first layer),
 sized by `--config`:  tiny (the test size), small (~0.2B, for CPU training), mid (~0.95B, CPU decode), 7b.
 
-decode: batch-1 greedy decoding through lav2.generate's prefill/decode_one_token/sample. Time to first token is
-the prefill (with --image: the CLIP tower and the resampler too) plus the first sample; tokens/s is the median
-over the decoded tokens. Alongside: the same LLaMA without the adapter (sharing the weights) and the adapter
-folded into it (fold_adapters_), stepped in turn token by token with the adapter model, so that other processes
-on a shared machine slow all of them alike; and the bandwidth bound, the
-bytes a decode step reads divided by the memory bandwidth measured in the same process. --dtype int8 compares
-with float32 on the same tokens: greedy agreement (the int8 model is fed the float32 model's greedy tokens) and
-the logit error.
+decode: batch-1 greedy decoding through lav2.generate's prefill/decode_one_token/sample, the model's matrices
+stored as checkpoint.load stores them (decode_layout_). Time to first token is the prefill (with --image: the CLIP
+tower and the resampler too) plus the first sample; tokens/s is the median over the decoded tokens. Alongside: the
+same LLaMA without the adapter and the adapter folded into it (fold_adapters_), stepped in
+turn token by token with the adapter model, so that other processes on a shared machine slow all of them alike;
+and the bandwidth bound: the bytes a decode step reads divided by the rate a large matrix-vector product streams
+weights at, measured between the same decode steps (BandwidthProbe, medians against medians); `read_ratio`
+compares with a plain read of memory instead. --dtype int8 compares with float32 on the same tokens: greedy
+agreement (the int8 model is fed the float32 model's greedy tokens) and the logit error.
 
 train: one step of the language group (forward, backward, AdamW) on random tokens, timed per phase; peak memory
 is torch.cuda.max_memory_allocated on a GPU, and on the CPU the parameter bytes plus the peak of the bytes alive
@@ -44,8 +45,8 @@ import torch.nn as nn
 from lav2.checkpoint import DTYPES
 from lav2.finetune import LiveBytes, loss_sum
 from lav2.generate import decode_one_token, prefill, sample
-from lav2.model import (Config, LLaMAAdapter, build_clip_visual, fold_adapters_, mark_trainable,
-                        param_groups)
+from lav2.model import (Config, LLaMAAdapter, build_clip_visual, decode_layout, decode_layout_, fold_adapters_,
+                        mark_trainable, param_groups)
 
 PAPER = Config.from_name("paper-7b")
 CONFIGS = {
@@ -113,13 +114,15 @@ def build_model(config: Config, *, device: torch.device, dtype: torch.dtype, ima
     return model.to(dtype).eval()
 
 
-def base_sharing_weights(model: LLaMAAdapter) -> LLaMAAdapter:
-    """The same LLaMA with no adapter, reading the very same weight tensors (no copy)."""
+def plain_llama(model: LLaMAAdapter) -> LLaMAAdapter:
+    """The same LLaMA with no adapter: the model's base weights, laid out for decoding as the model is (stacking
+    copies them)."""
     with torch.device("meta"):
         base = LLaMAAdapter(model.config.base())
     state = model.state_dict()
     base.load_state_dict({k: state[k] for k in base.state_dict()}, assign=True)
     base.init_rope(model.tok_embeddings.weight.device)
+    decode_layout_(base)
     return base.eval()
 
 
@@ -168,29 +171,47 @@ class Decoder:
             self.kept.append(logits.float())
 
 
-def decode_in_turn(decoders: list[Decoder], new_tokens: int) -> None:
-    """Advance every decoder token by token, in turn; then free their caches."""
+class BandwidthProbe:
+    """The rate this machine streams weights, measured between decode steps (so that other processes on a shared
+    machine slow it and the decoders alike; medians are compared with medians). Each advance() times a
+    matrix-vector product over a matrix far larger than the CPU caches, stored as a loaded model stores its
+    matrices (decode_layout), and a plain sum over the same bytes: how fast memory itself can be read."""
+
+    def __init__(self, device: torch.device, *, mib: int, cols: int = 4096):
+        self.device = device
+        self.weight = decode_layout(torch.empty(mib * 2**20 // (4 * cols), cols, device=device).uniform_())
+        self.x = torch.randn(1, cols, device=device)
+        self.matvec_s: list[float] = []
+        self.read_s: list[float] = []
+        self.advance()  # warm-up, not kept
+        self.matvec_s.clear()
+        self.read_s.clear()
+
+    def _time(self, fn: Callable) -> float:
+        sync(self.device)
+        start = time.perf_counter()
+        fn()
+        sync(self.device)
+        return time.perf_counter() - start
+
+    def advance(self) -> None:
+        self.matvec_s.append(self._time(lambda: torch.nn.functional.linear(self.x, self.weight)))
+        self.read_s.append(self._time(self.weight.sum))
+
+    def gb_s(self) -> dict[str, float]:
+        return {"matvec": self.weight.nbytes / statistics.median(self.matvec_s) / 1e9,
+                "read": self.weight.nbytes / statistics.median(self.read_s) / 1e9}
+
+
+def decode_in_turn(decoders: list[Decoder], new_tokens: int, probe: Optional[BandwidthProbe] = None) -> None:
+    """Advance every decoder token by token, in turn, and the probe after each token; then free their caches."""
     for _ in range(new_tokens - 1):
         for decoder in decoders:
             decoder.advance()
+        if probe is not None:
+            probe.advance()
     for decoder in decoders:
         decoder.model.clear_cache()
-
-
-def measure_bandwidth(device: torch.device, *, mib: int, repeats: int = 10) -> float:
-    """Bytes/s of a float32 matrix-vector product over a matrix far larger than the CPU caches, best of
-    `repeats`: the rate at which this machine streams weights, as decoding does."""
-    cols = 4096
-    weight = torch.empty(mib * 2**20 // (4 * cols), cols, device=device).uniform_()
-    x = torch.randn(1, cols, device=device)
-    best = math.inf
-    for _ in range(repeats + 1):  # the first call warms up
-        sync(device)
-        start = time.perf_counter()
-        torch.nn.functional.linear(x, weight)
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return weight.nbytes / best
 
 
 def decode_bytes(model: LLaMAAdapter, context: int, *, image: bool) -> dict[str, int]:
@@ -230,6 +251,7 @@ def bench_decode(*, config_name: str, dtype: str, image: bool, compile: bool, pr
                                                            prompt_tokens + new_tokens))
     int8 = dtype == "int8"
     model = build_model(config, device=dev, dtype=torch.float32 if int8 else DTYPES[dtype], image=image)
+    decode_layout_(model)  # as checkpoint.load stores a model for inference
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, config.vocab_size, (prompt_tokens,), generator=generator).to(dev)
     images = None
@@ -244,10 +266,12 @@ def bench_decode(*, config_name: str, dtype: str, image: bool, compile: bool, pr
 
         variants = {"float32": model, "adapter": quantize_int8_(copy.deepcopy(model))}
     elif compare:
-        variants["base"] = base_sharing_weights(model)
+        variants["base"] = plain_llama(model)
         variants["merged"] = copy.deepcopy(model)
         fold_adapters_(variants["merged"])
+        decode_layout_(variants["merged"])
     decoders: dict[str, list[Decoder]] = {name: [] for name in variants}
+    probe = BandwidthProbe(dev, mib=bandwidth_mib)
     for name, m in variants.items():  # warm-up (and compilation)
         decode_in_turn([Decoder(m, prompt, new_tokens=min(4, new_tokens), images=images, step=step)], 4)
     for _ in range(rounds):
@@ -256,7 +280,7 @@ def bench_decode(*, config_name: str, dtype: str, image: bool, compile: bool, pr
             forced = turn["float32"].tokens if int8 and name == "adapter" else None
             turn[name] = Decoder(m, prompt, new_tokens=new_tokens, images=images, step=step, keep_logits=int8,
                                  forced=forced)
-        decode_in_turn(list(turn.values()), new_tokens)
+        decode_in_turn(list(turn.values()), new_tokens, probe)
         for name, decoder in turn.items():
             decoders[name].append(decoder)
     per_token_ms = {name: 1e3 * statistics.median(t for d in ds for t in d.token_s) for name, ds in decoders.items()}
@@ -270,14 +294,16 @@ def bench_decode(*, config_name: str, dtype: str, image: bool, compile: bool, pr
         result["adapter_overhead"] = per_token_ms["adapter"] / per_token_ms["base"] - 1
         result["merged_overhead"] = per_token_ms["merged"] / per_token_ms["base"] - 1
     bytes_read = decode_bytes(variants["adapter"], prompt_tokens + new_tokens // 2, image=image)
-    bandwidth = measure_bandwidth(dev, mib=bandwidth_mib)
+    bandwidth = probe.gb_s()
     total = sum(bytes_read.values())
     achieved = 1e3 / per_token_ms["adapter"]
     result.update({
         "time_to_first_token_s": min(d.first_token_s for d in decoders["adapter"]), "tokens_per_s": achieved,
         "per_token_ms": per_token_ms, "bytes_per_token": total, "bytes_breakdown": bytes_read,
-        "bandwidth_gb_s": bandwidth / 1e9, "bound_tokens_per_s": bandwidth / total,
-        "achieved_tokens_per_s": achieved, "ratio": achieved / (bandwidth / total), "machine": machine(dev)})
+        "bandwidth_gb_s": bandwidth["matvec"], "bound_tokens_per_s": bandwidth["matvec"] * 1e9 / total,
+        "achieved_tokens_per_s": achieved, "ratio": achieved * total / (bandwidth["matvec"] * 1e9),
+        "read_gb_s": bandwidth["read"], "read_ratio": achieved * total / (bandwidth["read"] * 1e9),
+        "machine": machine(dev)})
     return result
 
 
@@ -517,7 +543,7 @@ def main(threads):
 @click.option("--compare/--no-compare", default=True, show_default=True,
               help="Also time the plain LLaMA and the folded adapter (float dtypes).")
 @click.option("--bandwidth-mib", default=256, show_default=True,
-              help="Size of the matrix whose matrix-vector product measures the memory bandwidth.")
+              help="Size of the matrix whose matrix-vector product (and sum) measures the bandwidth.")
 @device_option
 @table_option
 def decode(config_name, dtype, image, compile, prompt_tokens, new_tokens, rounds, compare, bandwidth_mib, device,

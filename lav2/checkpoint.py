@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from lav2.errors import Lav2Error
 from lav2.model import (LINEARS, AdapterLinear, Config, LLaMAAdapter, PRESETS, adapter_state_dict,
-                        base_parameter_names, build_clip_visual, fold_linear, merged_config)
+                        base_parameter_names, build_clip_visual, decode_layout_, fold_linear, merged_config)
 from lav2.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -512,6 +512,7 @@ def load(path, device=None, dtype=None) -> Loaded:
         model.visual.clip.to(dtype)
         preprocess = make_preprocess(transform, bgr=config.bgr)
     model.requires_grad_(False).eval()
+    decode_layout_(model)  # a loaded model is for inference: store its matrices the way decoding streams them
     tokenizer = Tokenizer(folder / TOKENIZER_FILE)
     return Loaded(model=model, tokenizer=tokenizer, preprocess=preprocess, config=config, folder=folder, info=info)
 

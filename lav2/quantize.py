@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from lav2.errors import Lav2Error
-from lav2.model import AdapterLinear, LLaMAAdapter
+from lav2.model import AdapterLinear, LLaMAAdapter, unstack_
 
 
 def adapter_linears(model: LLaMAAdapter) -> list[AdapterLinear]:
@@ -24,11 +24,12 @@ def quantize_8bit_(model: LLaMAAdapter) -> LLaMAAdapter:
         import bitsandbytes as bnb
     except ImportError:
         raise Lav2Error("8-bit needs bitsandbytes: pip install 'lav2[8bit]' (or pip install bitsandbytes)") from None
+    unstack_(model)  # the stacked float matrices would outlive the quantized ones
     for linear in adapter_linears(model):
         out_features, in_features = linear.weight.shape
         layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False,
                                     device=linear.weight.device)
-        layer.weight = bnb.nn.Int8Params(linear.weight.data.half(), requires_grad=False, has_fp16_weights=False)
+        layer.weight = bnb.nn.Int8Params(linear.weight.data.half().contiguous(), requires_grad=False, has_fp16_weights=False)
         linear.quantized = layer.to(linear.weight.device)  # bitsandbytes quantizes here
         linear.weight = None
     return model
@@ -41,7 +42,8 @@ class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         scales = weight.float().abs().amax(dim=1).clamp(min=1e-8) / 127
-        self.register_buffer("weight", (weight.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8))
+        self.register_buffer("weight", (weight.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+                             .contiguous())  # the kernel wants (out, in) rows, whatever the float layout was
         self.register_buffer("scales", scales.to(weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -54,6 +56,7 @@ class Int8Linear(nn.Module):
 
 def quantize_int8_(model: LLaMAAdapter) -> LLaMAAdapter:
     """Weight-only int8 for every frozen block matmul and the output head (inference only)."""
+    unstack_(model)  # the stacked float matrices would outlive the quantized ones
     for linear in adapter_linears(model):
         linear.quantized = Int8Linear(linear.weight.data)
         linear.weight = None

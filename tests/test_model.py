@@ -7,7 +7,8 @@ import torch
 
 from conftest import random_llama
 from lav2.model import (Config, LLaMAAdapter, PRESETS, adapter_state_dict, apply_rotary_emb, count_params,
-                        fold_adapters_, mark_trainable, param_groups, precompute_freqs_cis)
+                        decode_layout_, fold_adapters_, mark_trainable, param_groups, precompute_freqs_cis)
+from lav2.quantize import quantize_int8_
 
 ADAPTER_LAYOUTS = ["tiny-paper", "tiny-official", "tiny-official-lora"]
 
@@ -166,6 +167,54 @@ def test_fold_bias_scale_lora_keeps_logits(base, layout):
     tokens, images = torch.randint(0, 300, (2, 9)), torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(folded(tokens, images), model(tokens, images), rtol=0, atol=1e-5)
+
+
+def cached_decode(model: LLaMAAdapter, tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Logits of a prefill of 5 tokens then one token at a time through the KV cache."""
+    with torch.no_grad():
+        model.setup_cache(tokens.shape[0], 16)
+        steps = [model(tokens[:, :5], images, input_pos=torch.arange(5))]
+        steps += [model(tokens[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(5, tokens.shape[1])]
+        model.clear_cache()
+    return torch.cat(steps, dim=1)
+
+
+@pytest.mark.parametrize("layout", ["tiny-paper", "tiny-official-lora"])
+def test_decode_layout_changes_storage_only_and_survives_fold_and_quantize(layout):
+    model = random_llama(Config.from_name(layout), seed=7).eval()
+    model.visual.clip = tiny_clip()
+    laid = copy.deepcopy(model)
+    decode_layout_(laid)
+    attention = laid.layers[1].attention
+    # wq, wk, wv are row blocks of one stacked matrix, stored (in, out)-contiguous
+    assert attention.wqkv is not None and not attention.wqkv.is_contiguous() and attention.wqkv.t().is_contiguous()
+    assert attention.wk.weight.untyped_storage().data_ptr() == attention.wqkv.untyped_storage().data_ptr()
+    before, after = model.state_dict(), laid.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+    tokens, images = torch.randint(0, 300, (2, 9)), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(laid(tokens, images), model(tokens, images), rtol=0, atol=1e-5)
+    torch.testing.assert_close(cached_decode(laid, tokens, images), cached_decode(model, tokens, images),
+                               rtol=0, atol=1e-5)
+
+    # a copy's weights are no views of its stacks: it runs each linear alone, and right
+    torch.testing.assert_close(cached_decode(copy.deepcopy(laid), tokens, images),
+                               cached_decode(model, tokens, images), rtol=0, atol=1e-5)
+
+    # folding writes into the stacked matrix in place: the stacked product sees the folded weights
+    folded = copy.deepcopy(model)
+    fold_adapters_(folded)
+    fold_adapters_(laid)
+    assert attention.wk.weight.untyped_storage().data_ptr() == attention.wqkv.untyped_storage().data_ptr()
+    torch.testing.assert_close(cached_decode(laid, tokens, images), cached_decode(folded, tokens, images),
+                               rtol=0, atol=1e-5)
+
+    # quantizing drops the stacks (no float copy left behind) and gives what quantizing the plain model gives
+    quantized, laid_quantized = quantize_int8_(folded), quantize_int8_(laid)
+    assert all(layer.attention.wqkv is None and layer.feed_forward.w13 is None for layer in laid_quantized.layers)
+    torch.testing.assert_close(cached_decode(laid_quantized, tokens, images),
+                               cached_decode(quantized, tokens, images), rtol=0, atol=1e-5)
 
 
 def test_config_round_trip_and_bad_configs():

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import platform
 import statistics
 import time

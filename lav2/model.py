@@ -696,14 +696,15 @@ def fold_adapters_(model: LLaMAAdapter) -> None:
 def decode_layout(weight: torch.Tensor) -> torch.Tensor:
     """A (out, in) weight with the same shape and values, stored the way a matrix-vector product streams it
     fastest. For float32 on the CPU that is (in, out)-contiguous: MKL's kernel for x @ W with W contiguous
-    streams it 15-25% faster than PyTorch's usual (out, in) storage (measured with lav2.bench decode, 2026-11).
+    streams it 15-25% faster than PyTorch's usual (out, in) storage (measured on this project's CPU, 2026-11).
     bfloat16 gets slower and GPUs do not care, so everything else stays as it is."""
-    if not laid_out_for_decode(weight):
+    if not decode_layout_applies(weight):
         return weight
     return weight.t().contiguous().t()
 
 
-def laid_out_for_decode(weight: Optional[torch.Tensor]) -> bool:
+def decode_layout_applies(weight: Optional[torch.Tensor]) -> bool:
+    """Whether decode_layout changes how this weight is stored (float32 on the CPU)."""
     return weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
@@ -711,7 +712,7 @@ def stack_for_decode(*linears: AdapterLinear) -> Optional[torch.Tensor]:
     """The weights of linears that read the same input, stacked into one (sum of outs, in) matrix in
     decode_layout, each linear's weight becoming a view of its rows (values unchanged). None, and nothing
     changed, where decode_layout would change nothing or a linear is quantized."""
-    if not all(laid_out_for_decode(linear.weight) and linear.quantized is None for linear in linears):
+    if not all(decode_layout_applies(linear.weight) and linear.quantized is None for linear in linears):
         return None
     stacked = torch.cat([linear.weight.t() for linear in linears], dim=1).t()  # (in, outs)-contiguous
     start = 0
@@ -726,7 +727,7 @@ def stack_for_decode(*linears: AdapterLinear) -> Optional[torch.Tensor]:
 def decode_layout_(model: LLaMAAdapter) -> None:
     """Store the matrices a decode step reads as decoding streams them fastest on this device: decode_layout,
     and the linears that share an input (wq, wk, wv; w1, w3) stacked into one matrix, which one product reads
-    5-6% faster than three (lav2.bench decode at `mid`). State dict keys, shapes and values do not change;
+    5-6% faster than three (a `mid` decode step, same CPU). State dict keys, shapes and values do not change;
     fold_adapters_ keeps working (in place), and quantizing drops the stacks (unstack_)."""
     for layer in model.layers:
         attention, feed_forward = layer.attention, layer.feed_forward

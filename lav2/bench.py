@@ -43,7 +43,7 @@ import torch.nn as nn
 
 from lav2.checkpoint import DTYPES
 from lav2.finetune import LiveBytes, loss_sum
-from lav2.generate import decode_one_token, prefill, sample
+from lav2.generate import compiled_decode_one_token, decode_one_token, prefill, sample
 from lav2.model import (Config, LLaMAAdapter, build_clip_visual, decode_layout, decode_layout_, fold_adapters_,
                         mark_trainable, param_groups)
 
@@ -106,11 +106,12 @@ def build_model(config: Config, *, device: torch.device, dtype: torch.dtype, ima
         clip = build_clip_visual(clip_config(config)) if image else None
     model = model.to_empty(device=device)
     randomize_(model)
-    model.init_rope(device)
     if clip is not None:
         model.visual.clip = clip.to_empty(device=device).requires_grad_(False)
         randomize_(model.visual.clip)
-    return model.to(dtype).eval()
+    model = model.to(dtype).eval()
+    model.init_rope(device)  # after the cast, as checkpoint.load does: the angles stay float32
+    return model
 
 
 def plain_llama(model: LLaMAAdapter) -> LLaMAAdapter:
@@ -148,10 +149,10 @@ class Decoder:
         self.model, self.step, self.forced, self.keep_logits = model, step, forced, keep_logits
         self.device = prompt.device
         model.setup_cache(1, len(prompt) + new_tokens)
-        self.positions = torch.arange(len(prompt), len(prompt) + new_tokens, device=self.device)
+        self.start = len(prompt)
         sync(self.device)
         start = time.perf_counter()
-        logits = prefill(model, prompt[None], torch.arange(len(prompt), device=self.device), images)
+        logits = prefill(model, prompt[None], 0, images)
         self.token = sample(logits, temperature=0)
         self.tokens = [int(self.token)]  # the host sync that generate() makes for every token
         self.first_token_s = time.perf_counter() - start
@@ -162,7 +163,7 @@ class Decoder:
         i = len(self.token_s)
         fed = self.token if self.forced is None else torch.tensor([self.forced[i]], device=self.device)
         start = time.perf_counter()
-        logits = self.step(self.model, fed.view(1, 1), self.positions[i: i + 1])
+        logits = self.step(self.model, fed.view(1, 1), self.start + i)
         self.token = sample(logits, temperature=0)
         self.tokens.append(int(self.token))
         self.token_s.append(time.perf_counter() - start)
@@ -257,7 +258,7 @@ def bench_decode(*, config_name: str, dtype: str, image: bool, compile: bool, pr
     if image:
         size = clip_config(config)["vision_cfg"]["image_size"]
         images = torch.randn(1, 3, size, size, generator=generator).to(dev, model.tok_embeddings.weight.dtype)
-    step = torch.compile(decode_one_token) if compile else decode_one_token
+    step = compiled_decode_one_token() if compile else decode_one_token
 
     variants = {"adapter": model}
     if int8:

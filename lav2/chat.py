@@ -70,8 +70,8 @@ def quantize_int8(model, *, cuda: bool) -> None:
 
 def run(*, model_dir: Optional[Path] = None, images: Sequence[Path] = (), prompt: Optional[str] = None,
         device: Optional[str] = None, dtype: Optional[str] = None, quantize: Optional[str] = None,
-        experts: Sequence[str] = (), sampling: Sampling = Sampling(), stdin: Optional[TextIO] = None,
-        stdout: Optional[TextIO] = None) -> None:
+        experts: Sequence[str] = (), sampling: Sampling = Sampling(), compile: bool = False,
+        stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None) -> None:
     """Chat with the model in `model_dir` about one image: answer `prompt` and print only the answer, else a
     REPL (rich on a terminal, one turn per line through a pipe)."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
@@ -83,7 +83,7 @@ def run(*, model_dir: Optional[Path] = None, images: Sequence[Path] = (), prompt
     from lav2.experts import load_experts
 
     device = loaded.model.tok_embeddings.weight.device
-    session = Session(Conversation(loaded, sampling), load_experts(experts, device=device))
+    session = Session(Conversation(loaded, sampling, compile=compile), load_experts(experts, device=device))
     if pictures:
         session.set_image(images[0], pictures[0])
     if prompt is not None:

@@ -104,8 +104,10 @@ def merge(run_dir, out, dtype):
 @click.option("--repetition-penalty", type=float, default=1.0, show_default=True, help=">1 discourages "
               "tokens already in the context (1: off).")
 @click.option("--seed", type=int, help="Seed for reproducible sampling (default: random).")
+@click.option("--compile", is_flag=True, help="torch.compile the decode step: the first answer waits for the "
+              "compilation (tens of seconds), every later token comes faster.")
 def chat(model_dir, images, prompt, device, dtype, quantize, experts, temperature, top_p, top_k, max_new_tokens,
-         repetition_penalty, seed):
+         repetition_penalty, seed, compile):
     """Chat with a model about an image in the terminal; piped input is one turn per line.
 
     Sampling defaults are the official LLaMA-Adapter V2 release's. In the chat: /image PATH, /reset,
@@ -117,7 +119,7 @@ def chat(model_dir, images, prompt, device, dtype, quantize, experts, temperatur
     sampling = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
                         repetition_penalty=repetition_penalty, seed=seed)
     chat_mod.run(model_dir=model_dir, images=list(images), prompt=prompt, device=device, dtype=dtype,
-                 quantize=quantize, experts=list(experts), sampling=sampling)
+                 quantize=quantize, experts=list(experts), sampling=sampling, compile=compile)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ The decode path is gpt-fast's: `prefill` runs the prompt once, `decode_one_token
 the preallocated KV cache (`model.setup_cache`), `sample` picks the next token. The adapter prompts' and the
 image's keys/values are computed by the forward that starts at position 0 and kept in each layer's cache, so an
 image costs one CLIP pass per conversation. Every model call runs under torch.no_grad(): nothing is cached while
-gradients are on (the model refuses `input_pos` with gradients enabled).
+gradients are on (the model refuses `start_pos` with gradients enabled).
 
 Multi-turn: the cache is continued across turns. `generate` is given the token ids the cache holds (`cached`)
 and prefills only the tokens after their longest common prefix with the new prompt, at their own positions. When
@@ -14,10 +14,11 @@ the shared preamble) and the whole prompt is prefilled again.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -83,17 +84,25 @@ def sample(logits: torch.Tensor, *, temperature: float, top_p: float = 1.0, top_
 
 
 @torch.no_grad()
-def prefill(model: "LLaMAAdapter", tokens: torch.Tensor, input_pos: torch.Tensor,
+def prefill(model: "LLaMAAdapter", tokens: torch.Tensor, start_pos: int,
             images: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Run tokens (1, T) at positions input_pos (T,) into the cache; logits (V,) of the last one. Images go
+    """Run tokens (1, T) at positions start_pos ... into the cache; logits (V,) of the last one. Images go
     only with the forward that starts at position 0, which also caches the prompts' keys/values."""
-    return model(tokens, images, input_pos=input_pos)[0, -1]
+    return model(tokens, images, start_pos=start_pos)[0, -1]
 
 
 @torch.no_grad()
-def decode_one_token(model: "LLaMAAdapter", token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-    """Feed one token (1, 1) at input_pos (1,); logits (V,) for the next."""
-    return model(token, input_pos=input_pos)[0, -1]
+def decode_one_token(model: "LLaMAAdapter", token: torch.Tensor, pos: int) -> torch.Tensor:
+    """Feed one token (1, 1) at position pos; logits (V,) for the next."""
+    return model(token, start_pos=pos)[0, -1]
+
+
+@functools.cache
+def compiled_decode_one_token() -> Callable:
+    """decode_one_token through torch.compile: the small operations between the matrix products (norms, RoPE,
+    attention, bias and scale) fuse into a few kernels. Compiled at the first call and once more at the second,
+    when the position becomes symbolic (tens of seconds on a CPU); one graph then serves every later token."""
+    return torch.compile(decode_one_token)
 
 
 def cache_length(model: "LLaMAAdapter") -> int:
@@ -114,7 +123,8 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 def generate(model: "LLaMAAdapter", prompt_tokens: Sequence[int], *, images: Optional[torch.Tensor] = None,
              cached: Optional[list[int]] = None, max_new_tokens: int = 256, temperature: float = 0.1,
              top_p: float = 0.75, top_k: int = 0, repetition_penalty: float = 1.0, stop_ids: Sequence[int] = (),
-             generator: Optional[torch.Generator] = None, vocab_size: Optional[int] = None) -> Iterator[int]:
+             generator: Optional[torch.Generator] = None, vocab_size: Optional[int] = None,
+             step: Callable = decode_one_token) -> Iterator[int]:
     """Yield new token ids after prompt_tokens, batch 1, through the model's KV cache (see setup_cache).
 
     cached: the ids whose keys/values the cache holds from position 0, updated in place as tokens are fed.
@@ -122,6 +132,7 @@ def generate(model: "LLaMAAdapter", prompt_tokens: Sequence[int], *, images: Opt
     used only when that prefix is empty (they enter at position 0), so a caller that changes the image must clear
     `cached`. None: start from an empty cache. Stops after max_new_tokens or after yielding a stop id.
     vocab_size: sample among the first ids only, the tokenizer's (a checkpoint may pad its embedding rows).
+    step: decode_one_token, or compiled_decode_one_token().
     """
     cached = [] if cached is None else cached
     max_len = cache_length(model)
@@ -131,14 +142,13 @@ def generate(model: "LLaMAAdapter", prompt_tokens: Sequence[int], *, images: Opt
     device = model.tok_embeddings.weight.device
     start = min(common_prefix(cached, prompt_tokens), len(prompt_tokens) - 1)  # prefill at least one token
     del cached[start:]
-    positions = torch.arange(max_len, device=device)
     vocab_size = vocab_size or model.config.vocab_size
     seen = None
     if repetition_penalty != 1.0:
         seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
         seen[torch.tensor(list(prompt_tokens), device=device)] = True
     new = torch.tensor(list(prompt_tokens[start:]), device=device)[None]
-    logits = prefill(model, new, positions[start:len(prompt_tokens)], images if start == 0 else None)
+    logits = prefill(model, new, start, images if start == 0 else None)
     cached.extend(prompt_tokens[start:])
     stop = set(stop_ids)
     for pos in range(len(prompt_tokens), len(prompt_tokens) + max_new_tokens):
@@ -150,7 +160,7 @@ def generate(model: "LLaMAAdapter", prompt_tokens: Sequence[int], *, images: Opt
             return
         if seen is not None:
             seen[token] = True
-        logits = decode_one_token(model, token.view(1, 1), positions[pos:pos + 1])
+        logits = step(model, token.view(1, 1), pos)
         cached.append(token_id)
 
 
@@ -208,10 +218,13 @@ class Conversation:
     `context` is text about the image from expert models (caption, OCR); it is given as the input of the first
     turn kept in the history, so it survives trimming. The history keeps to the context window: before a turn,
     the oldest turns are dropped until the prompt leaves room for the answer (`dropped` says how many).
+    compile: decode through compiled_decode_one_token (the first answer waits for the compilation).
     """
 
-    def __init__(self, loaded: "Loaded", sampling: Sampling = Sampling(), *, style: Optional[str] = None):
+    def __init__(self, loaded: "Loaded", sampling: Sampling = Sampling(), *, style: Optional[str] = None,
+                 compile: bool = False):
         self.loaded, self.sampling = loaded, sampling
+        self._step = compiled_decode_one_token() if compile else decode_one_token
         self.style = style or loaded.info.get("prompt_style", "chat")
         self.turns: list[Turn] = []
         self.image: Optional[torch.Tensor] = None  # (1, 3, H, W), preprocessed
@@ -252,7 +265,7 @@ class Conversation:
         tokens = generate(self.loaded.model, prompt, images=self.image, cached=self._cached, max_new_tokens=max_new,
                           temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                           repetition_penalty=s.repetition_penalty, stop_ids=(self.loaded.tokenizer.eos_id,),
-                          generator=self._generator, vocab_size=self.loaded.tokenizer.vocab_size)
+                          generator=self._generator, vocab_size=self.loaded.tokenizer.vocab_size, step=self._step)
         try:
             for token_id in tokens:
                 if token_id == self.loaded.tokenizer.eos_id:

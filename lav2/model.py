@@ -303,10 +303,8 @@ def adapter_linear(config: Config, name: str, fan_in: int, fan_out: int) -> Adap
 
 def project(x: torch.Tensor, linears: tuple[AdapterLinear, ...], stacked: Optional[torch.Tensor]) -> list[torch.Tensor]:
     """Each of `linears` applied to the same x. With `stacked`, the matrix whose row blocks their weights are
-    (decode_layout_), one matrix product computes all their W x: one large read streams faster than several.
-    Only while the weights are still views of it: a deepcopy, or a weight replaced, makes each linear run alone."""
-    if stacked is None or not all(linear.weight is not None and linear.weight.untyped_storage().data_ptr()
-                                  == stacked.untyped_storage().data_ptr() for linear in linears):
+    (decode_layout_), one matrix product computes all their W x: one large read streams faster than several."""
+    if stacked is None:
         return [linear(x) for linear in linears]
     ys = F.linear(x, stacked).split([linear.weight.shape[0] for linear in linears], dim=-1)
     return [linear.around(x, y) for linear, y in zip(linears, ys)]
@@ -330,12 +328,12 @@ class KVCache(nn.Module):
         self.prompt_k: Optional[torch.Tensor] = None  # (B or 1, K, P, D)
         self.prompt_v: Optional[torch.Tensor] = None
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, K, T, D) at input_pos (T,); return the cache up to the last written position."""
-        self.k_cache[: k.shape[0], :, input_pos] = k
-        self.v_cache[: v.shape[0], :, input_pos] = v
-        end = int(input_pos[-1]) + 1
-        return self.k_cache[: k.shape[0], :, :end], self.v_cache[: v.shape[0], :, :end]
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, K, T, D) at positions start_pos ... start_pos + T - 1; return the cache up to there."""
+        B, end = k.shape[0], start_pos + k.shape[2]
+        self.k_cache[:B, :, start_pos:end] = k
+        self.v_cache[:B, :, start_pos:end] = v
+        return self.k_cache[:B, :, :end], self.v_cache[:B, :, :end]
 
     def reset(self) -> None:
         self.k_cache.zero_()
@@ -362,7 +360,7 @@ class Attention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
         self.wqkv: Optional[torch.Tensor] = None  # wq, wk, wv stacked for decoding (decode_layout_)
 
-    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: Optional[int] = None,
                 prompt: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = project(x, (self.wq, self.wk, self.wv), self.wqkv)
@@ -372,13 +370,13 @@ class Attention(nn.Module):
         q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H or K, T, D)
 
-        if input_pos is None:  # training or a plain forward: the whole sequence at once
+        if start_pos is None:  # training or a plain forward: the whole sequence at once
             out = self._attend(q, k, v, causal=True)
-        else:  # KV-cache inference: T new tokens at positions input_pos
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, K, S, D)
+        else:  # KV-cache inference: T new tokens at positions start_pos ...
+            k, v = self.kv_cache.update(start_pos, k, v)  # (B, K, S, D)
             mask = None
             if T > 1:  # several new tokens: each sees the cache up to its own position
-                mask = torch.arange(k.shape[2], device=x.device)[None, :] <= input_pos[:, None]  # (T, S)
+                mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(start_pos)  # (T, S)
             out = self._attend(q, k, v, mask=mask)
 
         prompt_kv = self._prompt_kv(prompt, B)
@@ -432,8 +430,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x, freqs_cis, input_pos=None, prompt=None):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, input_pos, prompt)
+    def forward(self, x, freqs_cis, start_pos=None, prompt=None):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, prompt)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -544,13 +542,14 @@ class LLaMAAdapter(nn.Module):
         self.register_buffer("freqs_cis", precompute_freqs_cis(config.head_dim, config.max_seq_len,
                                                                config.rope_theta), persistent=False)
         self.gradient_checkpointing = False
+        self.stacked = False  # decode_layout_ stacked some linears (see drop_stale_stacks_)
 
     def init_rope(self, device=None) -> None:
         c = self.config
         self.freqs_cis = precompute_freqs_cis(c.head_dim, c.max_seq_len, c.rope_theta, device=device)
 
     def setup_cache(self, batch_size: int, max_seq_len: Optional[int] = None, *, device=None, dtype=None) -> None:
-        """Preallocate a KV cache per layer for decoding; forward(..., input_pos=...) then uses it."""
+        """Preallocate a KV cache per layer for decoding; forward(..., start_pos=...) then uses it."""
         max_seq_len = max_seq_len or self.config.max_seq_len
         if max_seq_len > self.freqs_cis.shape[0]:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the model's {self.freqs_cis.shape[0]} positions")
@@ -578,17 +577,24 @@ class LLaMAAdapter(nn.Module):
         return prompts
 
     def forward(self, tokens: torch.Tensor, images: Optional[torch.Tensor] = None, *,
-                image_mask: Optional[torch.Tensor] = None, input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+                image_mask: Optional[torch.Tensor] = None, start_pos: Optional[int] = None) -> torch.Tensor:
         """Logits (B, T, V) in float32 for tokens (B, T).
 
         images (B, 3, H, W): preprocessed images; rows where image_mask (B,) is False get no visual prompt.
-        input_pos (T,): positions of these tokens when decoding with the KV cache (see setup_cache). The prompts
-        are computed by the forward that starts at position 0 and cached for the later ones.
+        start_pos: decode with the KV cache (see setup_cache), the tokens at positions start_pos ... start_pos + T - 1
+        (a Python int, as Meta's: no host sync, and torch.compile traces it). The prompts are computed by the
+        forward that starts at position 0 and cached for the later ones.
         """
         B, T = tokens.shape
-        if input_pos is not None and torch.is_grad_enabled():
-            raise RuntimeError("KV-cache decoding (input_pos) runs without gradients: use torch.no_grad()")
-        starts_sequence = input_pos is None or int(input_pos[0]) == 0
+        if start_pos is not None:
+            if torch.is_grad_enabled():
+                raise RuntimeError("KV-cache decoding (start_pos) runs without gradients: use torch.no_grad()")
+            cache = self.layers[0].attention.kv_cache
+            if cache is None or start_pos + T > cache.k_cache.shape[2]:
+                raise ValueError(f"positions {start_pos}..{start_pos + T - 1} do not fit the KV cache "
+                                 f"({0 if cache is None else cache.k_cache.shape[2]} positions): call setup_cache")
+        drop_stale_stacks_(self)
+        starts_sequence = start_pos is None or start_pos == 0
         if images is not None and not starts_sequence:
             raise ValueError("images can only be given to the forward that starts at position 0")
         if images is not None and self.visual is None:
@@ -604,7 +610,8 @@ class LLaMAAdapter(nn.Module):
             prompts = self.layer_prompts(visual_tokens)
 
         h = self.tok_embeddings(tokens)  # (B, T, C)
-        freqs_cis = self.freqs_cis[:T] if input_pos is None else self.freqs_cis[input_pos]  # (T, D/2, 2)
+        start = start_pos or 0
+        freqs_cis = self.freqs_cis[start:start + T]  # (T, D/2, 2)
         for i, layer in enumerate(self.layers):
             prompt = prompts.get(i)
             if prompt is not None:
@@ -612,10 +619,10 @@ class LLaMAAdapter(nn.Module):
             if self.gradient_checkpointing and self.training:
                 # Reentrant: the block runs under no_grad, so nothing in it is kept (non-reentrant keeps the graph,
                 # and bitsandbytes 8-bit stashes every matmul input on it); it needs an input that requires grad.
-                h = checkpoint(layer, h if h.requires_grad else h.detach().requires_grad_(), freqs_cis, input_pos,
+                h = checkpoint(layer, h if h.requires_grad else h.detach().requires_grad_(), freqs_cis, start_pos,
                                prompt, use_reentrant=True)
             else:
-                h = layer(h, freqs_cis, input_pos, prompt)
+                h = layer(h, freqs_cis, start_pos, prompt)
         return self.output(self.norm(h)).float()  # (B, T, V)
 
 
@@ -723,27 +730,51 @@ def stack_for_decode(*linears: AdapterLinear) -> Optional[torch.Tensor]:
     return stacked
 
 
+def stackable(model: LLaMAAdapter):
+    """(module, attribute, linears): where decode_layout_ keeps each stack, and the linears that share its input."""
+    for layer in model.layers:
+        attention, feed_forward = layer.attention, layer.feed_forward
+        yield attention, "wqkv", (attention.wq, attention.wk, attention.wv)
+        yield feed_forward, "w13", (feed_forward.w1, feed_forward.w3)
+
+
 @torch.no_grad()
 def decode_layout_(model: LLaMAAdapter) -> None:
     """Store the matrices a decode step reads as decoding streams them fastest on this device: decode_layout,
     and the linears that share an input (wq, wk, wv; w1, w3) stacked into one matrix, which one product reads
     5-6% faster than three (a `mid` decode step, same CPU). State dict keys, shapes and values do not change;
     fold_adapters_ keeps working (in place), and quantizing drops the stacks (unstack_)."""
+    for module, attribute, linears in stackable(model):
+        setattr(module, attribute, stack_for_decode(*linears))
     for layer in model.layers:
-        attention, feed_forward = layer.attention, layer.feed_forward
-        attention.wqkv = stack_for_decode(attention.wq, attention.wk, attention.wv)
-        feed_forward.w13 = stack_for_decode(feed_forward.w1, feed_forward.w3)
-        for linear in (attention.wo, feed_forward.w2):
+        for linear in (layer.attention.wo, layer.feed_forward.w2):
             if linear.weight is not None:
                 linear.weight.data = decode_layout(linear.weight.data)
     if isinstance(model.output, nn.Linear):
         model.output.weight.data = decode_layout(model.output.weight.data)
+    model.stacked = any(getattr(module, attribute) is not None for module, attribute, _ in stackable(model))
 
 
 def unstack_(model: LLaMAAdapter) -> None:
     """Forget the stacked matrices of decode_layout_ (each weight keeps its rows), e.g. before quantizing."""
-    for layer in model.layers:
-        layer.attention.wqkv = layer.feed_forward.w13 = None
+    for module, attribute, _ in stackable(model):
+        setattr(module, attribute, None)
+    model.stacked = False
+
+
+@torch.compiler.disable  # storage pointers cannot be traced: this runs eagerly, before the compiled blocks
+def drop_stale_stacks_(model: LLaMAAdapter) -> None:
+    """A stack serves only while its linears' weights are still views of it: a deepcopy, `.to()` or a replaced
+    weight ends that. Then drop it (each linear runs alone: correct, a little slower)."""
+    if not model.stacked:
+        return
+    for module, attribute, linears in stackable(model):
+        stacked = getattr(module, attribute)
+        if stacked is not None and not all(
+                linear.weight is not None
+                and linear.weight.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
+                for linear in linears):
+            setattr(module, attribute, None)
 
 
 def count_params(model: LLaMAAdapter) -> dict[str, int]:

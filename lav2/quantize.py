@@ -35,6 +35,18 @@ def quantize_8bit_(model: LLaMAAdapter) -> LLaMAAdapter:
     return model
 
 
+@torch.library.custom_op("lav2::int8_weight_mm", mutates_args=())
+def int8_weight_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """torch's int8-weight kernel as an opaque op: torch.compile's inductor fails to lower it after a fused cast
+    (torch 2.14), and calls it as it is this way."""
+    return torch._weight_int8pack_mm(x, weight, scales)
+
+
+@int8_weight_mm.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 class Int8Linear(nn.Module):
     """Weight-only int8 with one scale per output row: W ~ scales[:, None] * W_int8. Runs torch's int8-weight
     kernel, which reads a quarter of float32's bytes for the same matrix-vector product."""
@@ -49,8 +61,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # In bfloat16: torch's x86 kernel is vectorised for bfloat16 activations only; with float32 ones it runs a
         # scalar loop, several times slower than the float32 matmul it replaces (measured with lav2.bench).
-        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.weight,
-                                      self.scales.to(torch.bfloat16))
+        y = int8_weight_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), self.weight, self.scales.to(torch.bfloat16))
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 

@@ -90,6 +90,16 @@ def test_cached_decoding_equals_decoding_without_cache_text_only_model(base):
     assert cached_greedy(base.model, ids, None, 50) == greedy_without_cache(base.model, ids, None, 50)
 
 
+def test_compiled_decoding_answers_as_eager_decoding(official):
+    # through torch.compile (compiled twice: at the first position, then with the position symbolic)
+    question = "What colour is the shape?"
+    eager, compiled = Conversation(official, GREEDY), Conversation(official, GREEDY, compile=True)
+    for chat in (eager, compiled):
+        chat.set_image(make_image_pil())
+    answers = ["".join(chat.ask(question)) for chat in (eager, compiled)]
+    assert answers[0] and answers[1] == answers[0]
+
+
 def test_image_changes_the_answer(official, pixels):
     ids = prompt_ids(official)
     assert cached_greedy(official.model, ids, pixels, 20) != cached_greedy(official.model, ids, None, 20)

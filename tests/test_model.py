@@ -139,8 +139,8 @@ def test_kv_cache_decoding_matches_full_forward(base, layout):
     with torch.no_grad():
         full = model(tokens, images)
         model.setup_cache(2, 32)
-        steps = [model(tokens[:, :7], images, input_pos=torch.arange(7))]
-        steps += [model(tokens[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(7, 12)]
+        steps = [model(tokens[:, :7], images, start_pos=0)]
+        steps += [model(tokens[:, t:t + 1], start_pos=t) for t in range(7, 12)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
 
 
@@ -173,8 +173,8 @@ def cached_decode(model: LLaMAAdapter, tokens: torch.Tensor, images: torch.Tenso
     """Logits of a prefill of 5 tokens then one token at a time through the KV cache."""
     with torch.no_grad():
         model.setup_cache(tokens.shape[0], 16)
-        steps = [model(tokens[:, :5], images, input_pos=torch.arange(5))]
-        steps += [model(tokens[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(5, tokens.shape[1])]
+        steps = [model(tokens[:, :5], images, start_pos=0)]
+        steps += [model(tokens[:, t:t + 1], start_pos=t) for t in range(5, tokens.shape[1])]
         model.clear_cache()
     return torch.cat(steps, dim=1)
 
@@ -198,9 +198,11 @@ def test_decode_layout_changes_storage_only_and_survives_fold_and_quantize(layou
     torch.testing.assert_close(cached_decode(laid, tokens, images), cached_decode(model, tokens, images),
                                rtol=0, atol=1e-5)
 
-    # a copy's weights are no views of its stacks: it runs each linear alone, and right
-    torch.testing.assert_close(cached_decode(copy.deepcopy(laid), tokens, images),
-                               cached_decode(model, tokens, images), rtol=0, atol=1e-5)
+    # a copy's weights are no views of its stacks: its forward drops them and runs each linear alone, right
+    copied = copy.deepcopy(laid)
+    torch.testing.assert_close(cached_decode(copied, tokens, images), cached_decode(model, tokens, images),
+                               rtol=0, atol=1e-5)
+    assert all(layer.attention.wqkv is None and layer.feed_forward.w13 is None for layer in copied.layers)
 
     # folding writes into the stacked matrix in place: the stacked product sees the folded weights
     folded = copy.deepcopy(model)
@@ -231,10 +233,12 @@ def test_config_round_trip_and_bad_configs():
         Config.from_name("70b")
 
 
-def test_kv_cache_refuses_gradients(base):
+def test_kv_cache_refuses_gradients_and_positions_beyond_it(base):
     base.setup_cache(1, 8)
     try:
         with pytest.raises(RuntimeError, match="without gradients"):
-            base(torch.zeros(1, 1, dtype=torch.long), input_pos=torch.tensor([0]))
+            base(torch.zeros(1, 1, dtype=torch.long), start_pos=0)
+        with torch.no_grad(), pytest.raises(ValueError, match=r"positions 6\.\.8 do not fit the KV cache \(8"):
+            base(torch.zeros(1, 3, dtype=torch.long), start_pos=6)
     finally:
         base.clear_cache()

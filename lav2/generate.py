@@ -15,6 +15,7 @@ the shared preamble) and the whole prompt is prefilled again.
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -102,6 +103,8 @@ def compiled_decode_one_token() -> Callable:
     """decode_one_token through torch.compile: the small operations between the matrix products (norms, RoPE,
     attention, bias and scale) fuse into a few kernels. Compiled at the first call and once more at the second,
     when the position becomes symbolic (tens of seconds on a CPU); one graph then serves every later token."""
+    # inductor's C++ build warns "No CUDA runtime is found" on every CPU-only machine, in the middle of an answer
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     return torch.compile(decode_one_token)
 
 

@@ -16,7 +16,9 @@ turn token by token with the adapter model, so that other processes on a shared 
 and the bandwidth bound: the bytes a decode step reads divided by the rate a large matrix-vector product streams
 weights at, measured between the same decode steps (BandwidthProbe, medians against medians); `read_ratio`
 compares with a plain read of memory instead. --dtype int8 compares with float32 on the same tokens: greedy
-agreement (the int8 model is fed the float32 model's greedy tokens) and the logit error.
+agreement (the int8 model is fed the float32 model's greedy tokens) and the logit error. --compile steps every model
+through generate.compiled_decode_one_token, as `lav2 chat --compile` does; it compiles during the warm-up, and a
+recompile when the cache's length first changes falls on a single timed token, which the median leaves out.
 
 train: one step of the language group (forward, backward, AdamW) on random tokens, timed per phase; peak memory
 is torch.cuda.max_memory_allocated on a GPU, and on the CPU the parameter bytes plus the peak of the bytes alive

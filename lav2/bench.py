@@ -17,8 +17,8 @@ and the bandwidth bound: the bytes a decode step reads divided by the rate a lar
 weights at, measured between the same decode steps (BandwidthProbe, medians against medians); `read_ratio`
 compares with a plain read of memory instead. --dtype int8 compares with float32 on the same tokens: greedy
 agreement (the int8 model is fed the float32 model's greedy tokens) and the logit error. --compile steps every model
-through generate.compiled_decode_one_token, as `lav2 chat --compile` does; it compiles during the warm-up, and a
-recompile when the cache's length first changes falls on a single timed token, which the median leaves out.
+through generate.compiled_decode_one_token, as `lav2 chat --compile` does; it compiles during the warm-up, on a KV
+cache of the timed runs' length, so that no timed token recompiles (a chat keeps one cache length too).
 
 train: one step of the language group (forward, backward, AdamW) on random tokens, timed per phase; peak memory
 is torch.cuda.max_memory_allocated on a GPU, and on the CPU the parameter bytes plus the peak of the bytes alive
@@ -274,8 +274,8 @@ def bench_decode(*, config_name: str, dtype: str, image: bool, compile: bool, pr
         decode_layout_(variants["merged"])
     decoders: dict[str, list[Decoder]] = {name: [] for name in variants}
     probe = BandwidthProbe(dev, mib=bandwidth_mib)
-    for name, m in variants.items():  # warm-up (and compilation)
-        decode_in_turn([Decoder(m, prompt, new_tokens=min(4, new_tokens), images=images, step=step)], 4)
+    for name, m in variants.items():  # warm-up (and compilation), with the timed runs' cache length, as a chat
+        decode_in_turn([Decoder(m, prompt, new_tokens=new_tokens, images=images, step=step)], min(4, new_tokens))
     for _ in range(rounds):
         turn: dict[str, Decoder] = {}
         for name, m in variants.items():  # int8 is fed float32's tokens as they come (float32 steps first)

@@ -108,12 +108,6 @@ def compiled_decode_one_token() -> Callable:
     return torch.compile(decode_one_token)
 
 
-def cache_length(model: "LLaMAAdapter") -> int:
-    """Positions the model's KV cache holds (0 when there is none)."""
-    cache = model.layers[0].attention.kv_cache
-    return 0 if cache is None else cache.k_cache.shape[2]
-
-
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -138,7 +132,7 @@ def generate(model: "LLaMAAdapter", prompt_tokens: Sequence[int], *, images: Opt
     step: decode_one_token, or compiled_decode_one_token().
     """
     cached = [] if cached is None else cached
-    max_len = cache_length(model)
+    max_len = model.cache_length()
     if len(prompt_tokens) + max_new_tokens > max_len:
         raise ValueError(f"{len(prompt_tokens)} prompt + {max_new_tokens} new tokens exceed the KV cache's "
                          f"{max_len} positions (call model.setup_cache first)")

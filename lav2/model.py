@@ -542,7 +542,6 @@ class LLaMAAdapter(nn.Module):
         self.register_buffer("freqs_cis", precompute_freqs_cis(config.head_dim, config.max_seq_len,
                                                                config.rope_theta), persistent=False)
         self.gradient_checkpointing = False
-        self.stacked = False  # decode_layout_ stacked some linears (see drop_stale_stacks_)
 
     def init_rope(self, device=None) -> None:
         c = self.config
@@ -558,6 +557,11 @@ class LLaMAAdapter(nn.Module):
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch_size, self.config.n_kv_heads, max_seq_len,
                                                self.config.head_dim, dtype=dtype, device=device)
+
+    def cache_length(self) -> int:
+        """Positions the KV cache holds (0 when there is none)."""
+        cache = self.layers[0].attention.kv_cache
+        return 0 if cache is None else cache.k_cache.shape[2]
 
     def clear_cache(self) -> None:
         for layer in self.layers:
@@ -589,10 +593,9 @@ class LLaMAAdapter(nn.Module):
         if start_pos is not None:
             if torch.is_grad_enabled():
                 raise RuntimeError("KV-cache decoding (start_pos) runs without gradients: use torch.no_grad()")
-            cache = self.layers[0].attention.kv_cache
-            if cache is None or start_pos + T > cache.k_cache.shape[2]:
+            if start_pos + T > self.cache_length():
                 raise ValueError(f"positions {start_pos}..{start_pos + T - 1} do not fit the KV cache "
-                                 f"({0 if cache is None else cache.k_cache.shape[2]} positions): call setup_cache")
+                                 f"({self.cache_length()} positions): call setup_cache")
         drop_stale_stacks_(self)
         starts_sequence = start_pos is None or start_pos == 0
         if images is not None and not starts_sequence:
@@ -752,22 +755,18 @@ def decode_layout_(model: LLaMAAdapter) -> None:
                 linear.weight.data = decode_layout(linear.weight.data)
     if isinstance(model.output, nn.Linear):
         model.output.weight.data = decode_layout(model.output.weight.data)
-    model.stacked = any(getattr(module, attribute) is not None for module, attribute, _ in stackable(model))
 
 
 def unstack_(model: LLaMAAdapter) -> None:
     """Forget the stacked matrices of decode_layout_ (each weight keeps its rows), e.g. before quantizing."""
     for module, attribute, _ in stackable(model):
         setattr(module, attribute, None)
-    model.stacked = False
 
 
 @torch.compiler.disable  # storage pointers cannot be traced: this runs eagerly, before the compiled blocks
 def drop_stale_stacks_(model: LLaMAAdapter) -> None:
     """A stack serves only while its linears' weights are still views of it: a deepcopy, `.to()` or a replaced
     weight ends that. Then drop it (each linear runs alone: correct, a little slower)."""
-    if not model.stacked:
-        return
     for module, attribute, linears in stackable(model):
         stacked = getattr(module, attribute)
         if stacked is not None and not all(

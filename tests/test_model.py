@@ -1,13 +1,17 @@
 """The model as the specification: base equivalence at zero init, what trains, counts, caches, folding."""
 
 import copy
+import gc
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import random_llama
 from lav2.model import (Config, LLaMAAdapter, PRESETS, adapter_state_dict, apply_rotary_emb, count_params,
-                        decode_layout_, fold_adapters_, mark_trainable, param_groups, precompute_freqs_cis)
+                        decode_layout_, empty_on_huge_pages, fold_adapters_, mark_trainable, param_groups,
+                        precompute_freqs_cis)
 from lav2.quantize import quantize_int8_
 
 ADAPTER_LAYOUTS = ["tiny-paper", "tiny-official", "tiny-official-lora"]
@@ -177,6 +181,31 @@ def cached_decode(model: LLaMAAdapter, tokens: torch.Tensor, images: torch.Tenso
         steps += [model(tokens[:, t:t + 1], start_pos=t) for t in range(5, tokens.shape[1])]
         model.clear_cache()
     return torch.cat(steps, dim=1)
+
+
+def mapping_of(address: int) -> tuple[int, int] | None:
+    """The (start, end) of this process's memory mapping that holds `address`, from /proc/self/maps."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        start, end = (int(a, 16) for a in line.split()[0].split("-"))
+        if start <= address < end:
+            return start, end
+    return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge pages are a Linux madvise")
+def test_huge_page_matrix_lives_in_its_own_mapping_until_its_last_view_goes():
+    stored = empty_on_huge_pages(512, 1024)  # 2 MiB
+    stored.fill_(3.0)
+    address = stored.data_ptr()
+    mapping = mapping_of(address)
+    assert mapping is not None
+    view = stored[1:3].t()
+    del stored
+    gc.collect()
+    assert view.sum().item() == 3.0 * 2 * 1024  # the memory stays while a view of it lives
+    del view
+    gc.collect()
+    assert mapping_of(address) != mapping  # and is unmapped with the last view
 
 
 @pytest.mark.parametrize("layout", ["tiny-paper", "tiny-official-lora"])

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from lav2.errors import Lav2Error
-from lav2.model import AdapterLinear, LLaMAAdapter, unstack_
+from lav2.model import AdapterLinear, LLaMAAdapter, empty_on_huge_pages, unstack_
 
 
 def adapter_linears(model: LLaMAAdapter) -> list[AdapterLinear]:
@@ -54,8 +54,10 @@ class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         scales = weight.float().abs().amax(dim=1).clamp(min=1e-8) / 127
-        self.register_buffer("weight", (weight.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
-                             .contiguous())  # the kernel wants (out, in) rows, whatever the float layout was
+        quantized = (weight.float() / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+        if weight.device.type == "cpu":  # (out, in) rows, as the kernel wants them, on huge pages as decode_layout
+            quantized = empty_on_huge_pages(*quantized.shape, dtype=torch.int8).copy_(quantized)
+        self.register_buffer("weight", quantized.contiguous())
         self.register_buffer("scales", scales.to(weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -503,6 +503,7 @@ def load(path, device=None, dtype=None) -> Loaded:
     for key in state:  # one tensor at a time, so a 7B model never exists twice in memory
         state[key] = state[key].to(dtype)
     model.load_state_dict(state, assign=True)
+    state.clear()  # the model holds the tensors now: decode_layout_ below frees each old copy as it replaces it
     model.init_rope(device)
     preprocess = None
     if config.visual_len:

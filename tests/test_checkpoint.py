@@ -1,9 +1,11 @@
 """Import of Meta, Hugging Face and official LLaMA-Adapter V2 weights; lav2 folders; merge; bad input."""
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import lav2
 from conftest import lav2_to_official, make_image, random_llama, write_meta_folder
 from lav2 import checkpoint
 from lav2.errors import Lav2Error
-from lav2.model import Config, adapter_state_dict
+from lav2.model import Config, LLaMAAdapter, adapter_state_dict
 
 
 def run_cli(*args, cwd=None):
@@ -130,6 +132,29 @@ def test_official_checkpoint_loads_back_with_identical_logits(tmp_path, tiny_bas
     with torch.no_grad():
         assert torch.equal(loaded.model(TOKENS, pixels.expand(2, -1, -1, -1)), model(TOKENS, pixels.expand(2, -1, -1, -1)))
         assert torch.equal(loaded.model(TOKENS), model(TOKENS))
+
+
+def test_a_loading_model_holds_its_matrices_once(tiny_official, monkeypatch):
+    """load stores the block matrices anew for decoding (decode_layout_): the memory they were read into must be
+    freed as that happens, or a 7B model would briefly sit in memory twice."""
+    read, freed_when_laid_out = [], []
+    load_state_dict, decode_layout_ = LLaMAAdapter.load_state_dict, checkpoint.decode_layout_
+
+    def recording(self, state, *args, **kwargs):
+        read.extend(weakref.ref(t.untyped_storage()) for k, t in state.items()
+                    if k.startswith("layers.") and k.endswith(".weight") and t.ndim == 2)
+        return load_state_dict(self, state, *args, **kwargs)
+
+    def laying_out(model):
+        decode_layout_(model)
+        gc.collect()
+        freed_when_laid_out.extend(storage() is None for storage in read)
+
+    monkeypatch.setattr(LLaMAAdapter, "load_state_dict", recording)
+    monkeypatch.setattr(checkpoint, "decode_layout_", laying_out)
+    loaded = lav2.load(tiny_official[1], device="cpu")
+    assert loaded.model.layers[0].attention.wqkv is not None  # laid out for decoding
+    assert len(freed_when_laid_out) == 7 * len(loaded.model.layers) and all(freed_when_laid_out)
 
 
 def test_bgr_layouts_swap_channels(tiny_official, tmp_path):

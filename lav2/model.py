@@ -403,10 +403,29 @@ class Attention(nn.Module):
         return pk, pv
 
     def _attend(self, q, k, v, *, causal: bool = False, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if q.shape[2] == 1 and mask is None and q.device.type == "cpu" and torch.compiler.is_compiling():
+            return single_query_attention(q, k, v)
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: share each K/V head among H/K heads
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and q.shape[2] > 1)
+
+
+def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v for one query per head (a decode step): q (B, H, 1, D), k and v (B, K, S, D).
+
+    Written as products and sums for torch.compile on the CPU, which fuses them into loops that read the cache
+    once and share each key/value head among its H/K query heads without copying it. SDPA's CPU kernel pays
+    ~100 us a call for one query, and streams a long cache slowly: with this, a compiled `mid` decode step is 2%
+    faster at 60 cached positions and 10% at 950 (measured on this project's CPU, 2026-11). Eagerly, the
+    products would be written out whole, so the eager path keeps SDPA."""
+    B, H, _, D = q.shape
+    K = k.shape[1]
+    q = q.view(B, K, H // K, 1, D)
+    k, v = k[:, :, None], v[:, :, None]  # (B, K, 1, S, D)
+    scores = (q * k).sum(-1, keepdim=True) * D ** -0.5  # (B, K, H/K, S, 1)
+    out = (scores.softmax(dim=-2) * v).sum(-2, keepdim=True)  # (B, K, H/K, 1, D)
+    return out.view(B, H, 1, D)
 
 
 class FeedForward(nn.Module):

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import random_llama
 from lav2.model import (Config, LLaMAAdapter, PRESETS, adapter_state_dict, apply_rotary_emb, count_params,
                         decode_layout_, empty_on_huge_pages, fold_adapters_, mark_trainable, param_groups,
-                        precompute_freqs_cis)
+                        precompute_freqs_cis, single_query_attention)
 from lav2.quantize import quantize_int8_
 
 ADAPTER_LAYOUTS = ["tiny-paper", "tiny-official", "tiny-official-lora"]
@@ -171,6 +172,33 @@ def test_fold_bias_scale_lora_keeps_logits(base, layout):
     tokens, images = torch.randint(0, 300, (2, 9)), torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(folded(tokens, images), model(tokens, images), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads, kv_heads, cached", [(4, 4, 1), (4, 4, 37), (8, 2, 300)])
+def test_single_query_attention_equals_sdpa(heads, kv_heads, cached):
+    torch.manual_seed(0)
+    q = torch.randn(2, heads, 1, 16)
+    k, v = torch.randn(2, 2, kv_heads, cached, 16).unbind(1)
+    shared = heads // kv_heads
+    expected = F.scaled_dot_product_attention(q, k.repeat_interleave(shared, 1), v.repeat_interleave(shared, 1))
+    torch.testing.assert_close(single_query_attention(q, k, v), expected, rtol=0, atol=1e-6)
+
+
+def test_compiled_decode_step_equals_eager_with_grouped_query_attention():
+    # compiled, a decode step attends through single_query_attention (cache and prompts); eagerly, through SDPA
+    from lav2.generate import decode_one_token
+
+    model = random_llama(Config.from_name("tiny-paper", n_kv_heads=2), seed=8).eval()
+    model.visual.clip = tiny_clip()
+    tokens, images = torch.randint(0, 300, (1, 12)), torch.randn(1, 3, 32, 32)
+    compiled = torch.compile(decode_one_token)
+    logits = {}
+    for name, step in (("eager", decode_one_token), ("compiled", compiled)):
+        with torch.no_grad():
+            model.setup_cache(1, 16)
+            model(tokens[:, :5], images, start_pos=0)
+            logits[name] = torch.stack([step(model, tokens[:, t:t + 1], t) for t in range(5, 12)])
+    torch.testing.assert_close(logits["compiled"], logits["eager"], rtol=0, atol=1e-5)
 
 
 def cached_decode(model: LLaMAAdapter, tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:

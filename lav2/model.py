@@ -403,7 +403,7 @@ class Attention(nn.Module):
         return pk, pv
 
     def _attend(self, q, k, v, *, causal: bool = False, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if q.shape[2] == 1 and mask is None and q.device.type == "cpu":  # a decode step
+        if q.shape[2] == 1 and mask is None and q.device.type == "cpu" and torch.compiler.is_compiling():
             return single_query_attention(q, k, v)
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: share each K/V head among H/K heads
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
@@ -416,8 +416,9 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 
     Products and sums, which share each key/value head among its H/K query heads without copying it, and which
     torch.compile fuses into loops that read the cache once. On the CPU, SDPA's kernel costs ~100 us a call for
-    one query and streams a long cache at a third of the memory's rate; with this, a `mid` decode step is 2%
-    faster compiled at 60 cached positions and 10% at 950, and 1% faster eagerly (this project's CPU, 2026-11).
+    one query and streams a long cache at a third of the memory's rate; with this, a compiled `mid` decode step is
+    2% faster at 60 cached positions and 7-10% at 950 (this project's CPU, 2026-11). Run eagerly, it is no faster
+    than SDPA (each product is written out whole), so eager decoding keeps SDPA.
     """
     B, H, _, D = q.shape
     K = k.shape[1]

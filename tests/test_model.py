@@ -185,7 +185,7 @@ def test_single_query_attention_equals_sdpa(heads, kv_heads, cached):
 
 
 def test_compiled_decode_step_equals_eager_with_grouped_query_attention():
-    # compiled, a decode step's single_query_attention (over the cache and the prompts) runs as inductor loops
+    # compiled, a decode step attends through single_query_attention (over the cache and the prompts); eagerly, SDPA
     from lav2.generate import decode_one_token
 
     model = random_llama(Config.from_name("tiny-paper", n_kv_heads=2), seed=8).eval()

@@ -416,8 +416,8 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 
     Products and sums, which share each key/value head among its H/K query heads without copying it, and which
     torch.compile fuses into loops that read the cache once. On the CPU, SDPA's kernel costs ~100 us a call for
-    one query and streams a long cache at a third of the memory's rate; with this, a compiled `mid` decode step is
-    2% faster at 60 cached positions and 7-10% at 950 (this project's CPU, 2026-11). Run eagerly, it is no faster
+    one query and streams a long cache at about 7 GB/s; with this, a compiled `mid` decode step is 2% faster at 60
+    cached positions and 7-10% at 900-950 (this project's CPU, 2026-11). Run eagerly, it is no faster
     than SDPA (each product is written out whole), so eager decoding keeps SDPA.
     """
     B, H, _, D = q.shape

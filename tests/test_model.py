@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_llama
+from lav2.generate import decode_one_token
 from lav2.model import (Config, LLaMAAdapter, PRESETS, adapter_state_dict, apply_rotary_emb, count_params,
                         decode_layout_, empty_on_huge_pages, fold_adapters_, mark_trainable, param_groups,
                         precompute_freqs_cis, single_query_attention)
@@ -186,8 +187,6 @@ def test_single_query_attention_equals_sdpa(heads, kv_heads, cached):
 
 def test_compiled_decode_step_equals_eager_with_grouped_query_attention():
     # compiled, a decode step attends through single_query_attention (over the cache and the prompts); eagerly, SDPA
-    from lav2.generate import decode_one_token
-
     model = random_llama(Config.from_name("tiny-paper", n_kv_heads=2), seed=8).eval()
     model.visual.clip = tiny_clip()
     tokens, images = torch.randint(0, 300, (1, 12)), torch.randn(1, 3, 32, 32)

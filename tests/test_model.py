@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_llama
-from lav2.generate import decode_one_token
 from lav2.model import (Config, LLaMAAdapter, PRESETS, adapter_state_dict, apply_rotary_emb, count_params,
                         decode_layout_, empty_on_huge_pages, fold_adapters_, mark_trainable, param_groups,
                         precompute_freqs_cis, single_query_attention)
@@ -190,22 +189,18 @@ def test_compiled_decode_step_equals_eager_with_grouped_query_attention():
     model = random_llama(Config.from_name("tiny-paper", n_kv_heads=2), seed=8).eval()
     model.visual.clip = tiny_clip()
     tokens, images = torch.randint(0, 300, (1, 12)), torch.randn(1, 3, 32, 32)
-    compiled = torch.compile(decode_one_token)
-    logits = {}
-    for name, step in (("eager", decode_one_token), ("compiled", compiled)):
-        with torch.no_grad():
-            model.setup_cache(1, 16)
-            model(tokens[:, :5], images, start_pos=0)
-            logits[name] = torch.stack([step(model, tokens[:, t:t + 1], t) for t in range(5, 12)])
-    torch.testing.assert_close(logits["compiled"], logits["eager"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(cached_decode(model, tokens, images, step=torch.compile(model)),
+                               cached_decode(model, tokens, images), rtol=0, atol=1e-5)
 
 
-def cached_decode(model: LLaMAAdapter, tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Logits of a prefill of 5 tokens then one token at a time through the KV cache."""
+def cached_decode(model: LLaMAAdapter, tokens: torch.Tensor, images: torch.Tensor, step=None) -> torch.Tensor:
+    """Logits of a prefill of 5 tokens then one token at a time through the KV cache, each token through `step`
+    (the model itself, or e.g. torch.compile of it)."""
+    step = model if step is None else step
     with torch.no_grad():
         model.setup_cache(tokens.shape[0], 16)
         steps = [model(tokens[:, :5], images, start_pos=0)]
-        steps += [model(tokens[:, t:t + 1], start_pos=t) for t in range(5, tokens.shape[1])]
+        steps += [step(tokens[:, t:t + 1], start_pos=t) for t in range(5, tokens.shape[1])]
         model.clear_cache()
     return torch.cat(steps, dim=1)
 

@@ -77,16 +77,6 @@ def test_overrides_are_parsed_as_yaml_and_validated():
     assert recipe.output == EXAMPLES / "x"
 
 
-def test_demo_base_and_generate_data_are_opaque_mappings(tmp_path):
-    path = tmp_path / "demo.yaml"
-    path.write_text("base: {demo: {dim: 64, anything: [1, 2]}}\ngenerate_data: {shapes: 200}\n"
-                    "data: {caption: [{path: shapes.jsonl, format: captions}]}\n")
-    recipe = load_recipe(path)
-    assert recipe.base == {"demo": {"dim": 64, "anything": [1, 2]}}
-    assert recipe.generate_data == {"shapes": 200}
-    assert recipe.train.caption_ratio == 1.0
-
-
 @pytest.mark.parametrize("name", ["alpaca_coco.yaml", "alpaca.yaml"])
 def test_shipped_recipes_load_and_name_their_missing_data_with_urls(name):
     recipe = load_recipe(ROOT / "recipes" / name)

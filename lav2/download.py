@@ -384,7 +384,7 @@ class _Hub:
         for name, checksum in plan.files.items():
             blob = folder / "blobs" / checksum.hex
             if not (folder / "snapshots" / plan.sha / name).is_file() and not blob.is_file():
-                missing += (checksum.size or 0) - _size(_partial(blob, ".incomplete"))
+                missing += max((checksum.size or 0) - _size(_partial(blob, ".incomplete")), 0)
         return missing
 
     def get(self, client: httpx2.Client, plan: _HubPlan) -> Path:
@@ -432,10 +432,8 @@ class _Hub:
                 raise Lav2Error(f"{host} rejected the Hugging Face token (401 invalid credentials) for {repo}: check "
                                 "HF_TOKEN or --token (tokens are at https://huggingface.co/settings/tokens), or "
                                 "unset it for a public repo") from None
-            if status == 401:
-                raise Lav2Error(f"{host} wants a Hugging Face token for {repo} (401): set HF_TOKEN or pass "
-                                "--token") from None
-            if status == 403:
+            if status == 403:  # a fine-grained token without read access to this repo
+
                 raise Lav2Error(f"{host} refused {repo} to this token (403 {_first_line(e)}): give a token with "
                                 "read access in HF_TOKEN or --token") from None
             if status == 404:

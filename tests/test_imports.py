@@ -83,7 +83,8 @@ def test_module_imports_alone_in_a_fresh_interpreter(module: str):
 def test_every_third_party_import_is_declared_in_setup_py():
     required, extras = _declared()
     optional = set().union(*(reqs for name, reqs in extras.items() if name != "test"))
-    owners = {module: {_normal(d) for d in dists} for module, dists in importlib.metadata.packages_distributions().items()}
+    owners = {module: {_normal(d) for d in dists}
+              for module, dists in importlib.metadata.packages_distributions().items()}
     problems = []
     for path in sorted((ROOT / "lav2").rglob("*.py")) + sorted((ROOT / "tests").glob("*.py")):
         in_tests = path.parent.name == "tests"
@@ -93,7 +94,7 @@ def test_every_third_party_import_is_declared_in_setup_py():
             if module not in owners:
                 problems.append(f"{where}, which no installed distribution provides")
             elif not owners[module] & allowed:
-                need = ("install_requires" if not lazy and not in_tests else "install_requires or an extra")
+                need = "install_requires" if not lazy and not in_tests else "install_requires or an extra"
                 problems.append(f"{where} ({', '.join(sorted(owners[module]))}): declare it in setup.py {need}")
     assert not problems, problems
 

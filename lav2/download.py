@@ -38,8 +38,8 @@ from fnmatch import fnmatch
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import filelock
 import httpx2
-from filelock import FileLock, Timeout
 from huggingface_hub import HfApi, hf_hub_url
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -550,7 +550,7 @@ def _fetch_file(client: httpx2.Client, url: str, final: Path, checksum: Checksum
     except OSError as e:
         raise Lav2Error(f"cannot create {e.filename} ({e.strerror}): choose another --home / HF_HOME") from None
     try:
-        with FileLock(lock, timeout=0):
+        with filelock.FileLock(lock, timeout=0):
             if final.is_file():
                 return  # another process finished it
             part = _partial(final, part_suffix)
@@ -567,7 +567,7 @@ def _fetch_file(client: httpx2.Client, url: str, final: Path, checksum: Checksum
             digest = _transfer(client, url, part, checksum, name=name, headers=headers, refuse=refuse)
             _check(part, digest, checksum, name=name, remove=True)
             part.replace(final)
-    except Timeout:
+    except filelock.Timeout:
         raise Lav2Error(f"{name} is being downloaded by another process (lock {lock}); wait for it to finish, or "
                         "stop it, then rerun") from None
 

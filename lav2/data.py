@@ -75,11 +75,17 @@ class _Bad(Exception):
 
 
 def _read_text(path: Path) -> str:
+    """A data file's text. A UTF-8 byte-order mark, as Windows editors and Excel exports write, is dropped."""
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise Lav2Error(f"{short_path(path)}: UTF-16 text (as Excel's 'Unicode Text' and Notepad's 'Unicode' "
+                        f"save it); save it as UTF-8")
+    text = data.removeprefix(b"\xef\xbb\xbf")
     try:
-        return path.read_text(encoding="utf-8")
+        return text.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise Lav2Error(f"{short_path(path)}: not UTF-8 text ({e.reason} at byte {e.start}); "
-                        f"save it as UTF-8") from None
+        at = e.start + len(data) - len(text)  # counted from the file's first byte, the mark included
+        raise Lav2Error(f"{short_path(path)}: not UTF-8 text ({e.reason} at byte {at}); save it as UTF-8") from None
 
 
 def _read_json(path: Path) -> object:

@@ -134,6 +134,12 @@ def _type_name(tp: object) -> str:
             Path: "a path string", type(None): "null"}.get(tp, str(tp))
 
 
+def _shape_matches(tp: object, value: object) -> bool:
+    """Whether `value` has the shape of a schema type that the walker descends into."""
+    return ((dataclasses.is_dataclass(tp) and isinstance(value, dict))
+            or (typing.get_origin(tp) is tuple and isinstance(value, list)))
+
+
 def _convert(tp: object, value: object, where: str, key: str, base_dir: Path) -> object:
     """Check `value` against the type hint `tp` and convert it; raise a one-line Lav2Error otherwise."""
     origin = typing.get_origin(tp)
@@ -146,7 +152,10 @@ def _convert(tp: object, value: object, where: str, key: str, base_dir: Path) ->
                 try:
                     return _convert(option, value, where, key, base_dir)
                 except Lav2Error:
-                    continue
+                    # A mapping or list given where a schema expects one: its own error (an unknown key, a wrong
+                    # type further down) says more than "must be a mapping or null".
+                    if _shape_matches(option, value):
+                        raise
         expected = " or ".join(_type_name(o) for o in options)
         raise Lav2Error(f"{where}: {key} must be {expected}, not {value!r}")
     if origin is Literal:
@@ -195,7 +204,7 @@ def _build(cls: type, mapping: dict, prefix: str, base_dir: Path):
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(fields)}"
-            raise Lav2Error(f"{where}: unknown key {name!r}; {hint}")
+            raise Lav2Error(f"{where}: unknown key {str(key)!r}{f' in {prefix}' if prefix else ''}; {hint}")
         kwargs[key] = _convert(hints[key], value, where, name, base_dir)
     missing = [n for n, f in fields.items()
                if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -332,7 +341,8 @@ def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recip
     if not path.is_file():
         raise Lav2Error(f"recipe not found: {path}; pass the path of a YAML recipe such as recipes/alpaca.yaml")
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_loader(str(path)))
+        # utf-8-sig: a byte-order mark, as Windows editors write, is read as no text
+        raw = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_loader(str(path)))
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         line = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""

@@ -20,6 +20,7 @@ setup(
         "Pillow",
         "PyYAML",
         "matplotlib",
+        "pycocoevalcap>=1.2",  # COCO caption metrics (BLEU, METEOR, ROUGE_L, CIDEr) as papers report them
     ],
     extras_require={
         "8bit": ["bitsandbytes>=0.43"],

@@ -115,8 +115,8 @@ def mme_scores(rows: Iterable[tuple[str, str, str, str]]) -> dict:
         subtasks[name] = {"score": acc + acc_plus, "acc": acc, "acc_plus": acc_plus, "questions": len(marks),
                           "images": len(images[name]), "other": other[name]}
     return {
-        "perception": sum(subtasks[n]["score"] for n in MME_PERCEPTION if n in subtasks),
-        "cognition": sum(subtasks[n]["score"] for n in MME_COGNITION if n in subtasks),
+        "perception": sum((subtasks[n]["score"] for n in MME_PERCEPTION if n in subtasks), 0.0),
+        "cognition": sum((subtasks[n]["score"] for n in MME_COGNITION if n in subtasks), 0.0),
         "subtasks": subtasks,
         "missing": [n for n in MME_PERCEPTION + MME_COGNITION if n not in subtasks],
     }

@@ -64,7 +64,8 @@ def _load_json(path: Path) -> object:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise Lav2Error(f"{short_path(path)}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
+        raise Lav2Error(f"{short_path(path)}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                        f"save it as UTF-8") from None
     if path.suffix != ".jsonl":
         try:
             return json.loads(text)
@@ -105,19 +106,22 @@ class _Records:
         return Lav2Error(f"{short_path(self.path)} {place}: {problem}")
 
     def text(self, place: str, record: dict, *keys: str, required: bool = True) -> Optional[str]:
-        """The first of `keys` the record has, as a non-empty string."""
+        """The first of `keys` the record has, as a non-empty string. An optional field may be null or empty
+        (ScienceQA's "hint": "", "image": null): that is None."""
         key = next((k for k in keys if record.get(k) is not None), None)
-        if key is None:
-            if required:
-                raise self.error(place, f"missing field {' or '.join(map(repr, keys))}")
+        value = None if key is None else record[key]
+        if not required and (value is None or value == ""):
             return None
-        value = record[key]
+        if value is None:
+            raise self.error(place, f"missing field {' or '.join(map(repr, keys))}")
         if not isinstance(value, str) or not value.strip():
             raise self.error(place, f"field {key!r} must be a non-empty string, not {value!r}")
         return value
 
-    def strings(self, place: str, record: dict, key: str, *, inner: Optional[str] = None) -> list[str]:
-        """A non-empty list of non-empty strings (or of objects holding one under `inner`, as VQAv2's answers)."""
+    def strings(self, place: str, record: dict, key: str, *, inner: Optional[str] = None,
+                empty_ok: bool = False) -> list[str]:
+        """A non-empty list of strings (or of objects holding one under `inner`, as VQAv2's answers), each
+        non-empty unless empty_ok (a human's blank VQA answer is data: it matches nothing)."""
         values = record.get(key)
         if not isinstance(values, list) or not values:
             raise self.error(place, f"field {key!r} must be a non-empty list")
@@ -125,7 +129,7 @@ class _Records:
         for i, value in enumerate(values):
             if inner is not None and isinstance(value, dict):
                 value = value.get(inner)
-            if not isinstance(value, str) or not value.strip():
+            if not isinstance(value, str) or not (empty_ok or value.strip()):
                 raise self.error(place, f"{key}[{i}] must be a non-empty string, not {value!r}")
             out.append(value)
         return out
@@ -154,13 +158,13 @@ def read_caption(data: Path, image_root: Path, *, split: Optional[str] = None) -
     filename, split, sentences: [{raw}]}]}, its `split` images, "test" by default) or a list of
     {image, captions: [...]} (or "caption": "...") records, with an optional "id"."""
     raw = _load_json(data)
-    is_dict = isinstance(raw, dict)
-    if split is not None and not (is_dict and "annotations" not in raw):
-        raise Lav2Error(f"--split picks a part of a Karpathy split JSON; {short_path(data)} is not one")
-    if is_dict and isinstance(raw.get("annotations"), list) and isinstance(raw.get("images"), list):
-        return _read_coco(data, raw, image_root)
-    if is_dict and isinstance(raw.get("images"), list):
+    images = isinstance(raw, dict) and isinstance(raw.get("images"), list)
+    if images and "annotations" not in raw:
         return _read_karpathy(data, raw, image_root, split or "test")
+    if split is not None:
+        raise Lav2Error(f"--split picks a part of a Karpathy split JSON; {short_path(data)} is not one")
+    if images and isinstance(raw.get("annotations"), list):
+        return _read_coco(data, raw, image_root)
     items = []
     records = _Records(data, raw, "caption")
     for place, record in records:
@@ -209,7 +213,8 @@ def _read_karpathy(data: Path, raw: dict, image_root: Path, split: str) -> list[
         items.append(Item(key, CAPTION_INSTRUCTION, path, tuple(s["raw"] for s in sentences)))
     if not items:
         found = ", ".join(sorted(str(s) for s in splits))
-        raise Lav2Error(f"{short_path(data)}: no images in split {split!r}; the file has {found}; pick one with --split")
+        raise Lav2Error(f"{short_path(data)}: no images in split {split!r}; the file has {found}; "
+                        f"pick one with --split")
     return _unique(items, data)
 
 
@@ -251,11 +256,13 @@ def _mme_subtasks(root: Path) -> list[Path]:
 
 def _mme_questions(txt: Path, subtask: str, image: Path) -> list[Item]:
     try:
-        lines = [line for line in txt.read_text(encoding="utf-8").splitlines() if line.strip()]
+        lines = txt.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         raise Lav2Error(f"{short_path(txt)}: not UTF-8 text; MME's question files are UTF-8") from None
     items = []
     for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         question, tab, answer = line.rpartition("\t")
         if not tab or not question.strip() or answer.strip().lower() not in ("yes", "no"):
             raise Lav2Error(f"{short_path(txt)} line {number}: expected 'question<TAB>Yes' or 'question<TAB>No', "
@@ -290,8 +297,9 @@ def read_choice(data: Path, image_root: Path) -> list[Item]:
                                        f"0-{len(options) - 1}, not {answer!r}")
         image = records.text(place, record, "image", required=False)
         lines = [question, *(f"{letter}. {option}" for letter, option in zip(letters, options)), CHOICE_INSTRUCTION]
-        items.append(Item(_record_id(record, place, "id"), "\n".join(lines), None if image is None else image_root / image,
-                          (index, len(options)), records.text(place, record, "category", "subject", required=False),
+        items.append(Item(_record_id(record, place, "id"), "\n".join(lines),
+                          None if image is None else image_root / image, (index, len(options)),
+                          records.text(place, record, "category", "subject", required=False),
                           records.text(place, record, "context", "hint", required=False)))
     return _unique(items, data)
 
@@ -315,9 +323,10 @@ def read_vqa(data: Path, image_root: Path, *, annotations: Optional[Path] = None
     for place, record in records:
         question = records.text(place, record, "question")
         image = records.text(place, record, "image")
-        answers = records.strings(place, record, "answers", inner="answer")
+        answers = records.strings(place, record, "answers", inner="answer", empty_ok=True)
         items.append(Item(_record_id(record, place, "question_id", "id"), f"{question}\n{VQA_INSTRUCTION}",
-                          image_root / image, tuple(answers), records.text(place, record, "answer_type", required=False)))
+                          image_root / image, tuple(answers),
+                          records.text(place, record, "answer_type", required=False)))
     return _unique(items, data)
 
 
@@ -344,8 +353,8 @@ def _read_vqav2(data: Path, raw: dict, image_root: Path, annotations: Optional[P
     truth = _Records(path, answers_raw["annotations"], "annotation", where="annotations")
     by_question = {}
     for place, annotation in truth:
-        by_question[annotation.get("question_id")] = (truth.strings(place, annotation, "answers", inner="answer"),
-                                                      annotation.get("answer_type"))
+        answers = truth.strings(place, annotation, "answers", inner="answer", empty_ok=True)
+        by_question[annotation.get("question_id")] = (answers, annotation.get("answer_type"))
     questions = _Records(data, raw["questions"], "question", where="questions")
     items = []
     for place, record in questions:

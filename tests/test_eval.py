@@ -48,8 +48,10 @@ def write_predictions(out: Path, answers: dict[str, str], items) -> Path:
 def test_read_coco_captions_groups_captions_per_image(tmp_path):
     make_image(tmp_path / "red.png")
     data = write_json(tmp_path / "captions_val2014.json", {
-        "images": [{"id": 7, "file_name": "red.png"}, {"id": 8, "file_name": "blue.png"}, {"id": 9, "file_name": "x.png"}],
-        "annotations": [{"image_id": 7, "id": 1, "caption": "A red ball."}, {"image_id": 8, "id": 2, "caption": "Blue."},
+        "images": [{"id": 7, "file_name": "red.png"}, {"id": 8, "file_name": "blue.png"},
+                   {"id": 9, "file_name": "x.png"}],
+        "annotations": [{"image_id": 7, "id": 1, "caption": "A red ball."},
+                        {"image_id": 8, "id": 2, "caption": "Blue."},
                         {"image_id": 7, "id": 3, "caption": "A red circle."}],
     })
     items = ev.read_items("caption", data)
@@ -129,19 +131,20 @@ def test_read_choice_prompts_with_lettered_options(tmp_path):
     data = write_json(tmp_path / "sqa.json", [
         {"id": "q1", "question": "Which is a metal?", "options": ["wood", "iron"], "answer": "B",
          "image": "a.png", "subject": "physics", "hint": "Metals conduct."},
-        {"question": "Pick C.", "choices": ["x", "y", "z"], "answer": 2},
+        {"question": "Pick C.", "choices": ["x", "y", "z"], "answer": 2, "hint": "", "image": None},  # ScienceQA's
     ])
     first, second = ev.read_items("choice", data)
     assert first.question == "Which is a metal?\nA. wood\nB. iron\n" + ev.CHOICE_INSTRUCTION
     assert (first.id, first.truth, first.group, first.context, first.image) == (
         "q1", (1, 2), "physics", "Metals conduct.", tmp_path / "a.png")
-    assert (second.id, second.truth, second.image, second.group) == ("record 1", (2, 3), None, None)
+    assert (second.id, second.truth, second.image, second.group, second.context) == ("record 1", (2, 3), None, None, None)
 
 
 @pytest.mark.parametrize("record, problem", [
     ({"options": ["a", "b"], "answer": 0}, r"record 0: missing field 'question'"),
     ({"question": "q", "options": ["a"], "answer": 0}, r"record 0: field 'options' needs 2 to 26 options, has 1"),
-    ({"question": "q", "options": ["a", "b"], "answer": "C"}, r"record 0: field 'answer' must be a letter A-B or an index 0-1, not 'C'"),
+    ({"question": "q", "options": ["a", "b"], "answer": "C"},
+     r"record 0: field 'answer' must be a letter A-B or an index 0-1, not 'C'"),
     ({"question": "q", "options": ["a", ""], "answer": 0}, r"record 0: options\[1\] must be a non-empty string"),
 ])
 def test_read_choice_bad_records_name_record_and_field(tmp_path, record, problem):
@@ -152,7 +155,8 @@ def test_read_choice_bad_records_name_record_and_field(tmp_path, record, problem
 
 def test_read_vqa_plain_list(tmp_path):
     data = write_jsonl(tmp_path / "vqa.jsonl", [
-        {"question_id": 5, "image": "a.png", "question": "What colour?", "answers": ["red", "Red"], "answer_type": "other"},
+        {"question_id": 5, "image": "a.png", "question": "What colour?", "answers": ["red", "Red"],
+         "answer_type": "other"},
         {}, {"image": "b.png", "question": "How many?", "answers": [{"answer": "2"}]}])
     with pytest.raises(Lav2Error, match=r"vqa.jsonl line 2: missing field 'question'"):
         ev.read_items("vqa", data)

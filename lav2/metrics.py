@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from pathlib import Path
 from collections import defaultdict
 from typing import Iterable, Mapping, Optional, Sequence
 
@@ -47,11 +48,8 @@ def caption_scores(references: Mapping[str, Sequence[str]], predictions: Mapping
         raise Lav2Error(f"image {empty!r} has no reference captions; every image needs at least one")
     java = shutil.which("java") is not None
     if java:
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-        tokenizer = PTBTokenizer()
-        refs = tokenizer.tokenize({key: [{"caption": c} for c in captions] for key, captions in references.items()})
-        preds = tokenizer.tokenize({key: [{"caption": predictions[key]}] for key in references})
+        refs = _ptb_tokenize(references)
+        preds = _ptb_tokenize({key: [predictions[key]] for key in references})
     else:
         refs = {key: [plain_tokens(c) for c in captions] for key, captions in references.items()}
         preds = {key: [plain_tokens(predictions[key])] for key in references}
@@ -67,6 +65,24 @@ def caption_scores(references: Mapping[str, Sequence[str]], predictions: Mapping
     if not java:
         scores["note"] = NO_JAVA
     return scores
+
+
+def _ptb_tokenize(captions: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """pycocoevalcap's PTB tokenizer (Stanford CoreNLP through `java`), its failures turned into one line."""
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    try:
+        tokens = ptbtokenizer.PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+    except OSError as e:  # it writes its input file beside its jar, inside the installed package
+        raise Lav2Error(f"pycocoevalcap's PTB tokenizer could not run ({e}); it needs to write into "
+                        f"{Path(ptbtokenizer.__file__).parent}: install lav2 where you can write (a virtual "
+                        f"environment)") from None
+    lost = any(len(tokens.get(k, ())) != len(v) or any(plain_tokens(c) and not t for c, t in zip(v, tokens[k]))
+               for k, v in captions.items())  # a caption with words has tokens: else java failed
+    if lost:
+        raise Lav2Error(f"the PTB tokenizer (run with {shutil.which('java')}) gave no output for some captions; "
+                        f"check that `java -version` works")
+    return tokens
 
 
 # --- MME ---------------------------------------------------------------------------------------------------

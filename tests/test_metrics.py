@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 
 import pytest
@@ -72,6 +73,15 @@ def test_caption_scores_without_java_say_they_are_not_comparable(monkeypatch):
     half = caption_scores(SHAPES, {"circle": "a red circle on a grey ground", "square": "seven green dogs"})
     assert half["CIDEr"] == pytest.approx(5.0)
     assert half["ROUGE_L"] == pytest.approx(0.5)  # 1 for the perfect one, 0 for the other
+
+
+def test_caption_scores_with_a_broken_java_are_one_line(tmp_path, monkeypatch):
+    java = tmp_path / "java"
+    java.write_text("#!/bin/sh\nexit 1\n")
+    java.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    with pytest.raises(Lav2Error, match=f"the PTB tokenizer \\(run with {java}\\) gave no output"):
+        caption_scores(MAT_REFS, {"mat": "a dog"})
 
 
 def test_caption_scores_refuse_mismatched_or_empty_references(monkeypatch):

@@ -8,15 +8,18 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from rich.console import Console
 
 from conftest import make_image
 from lav2 import eval as ev
-from lav2 import metrics
+from lav2 import load, metrics
 from lav2.cli import main
 from lav2.errors import Lav2Error
+from lav2.generate import answer
 from lav2.prompts import CAPTION_INSTRUCTION
+from test_generate import make_lively_folder
 
 
 def quiet() -> Console:
@@ -334,3 +337,84 @@ def test_cli_errors_are_one_line(tmp_path, monkeypatch, args, message):
     result = run_cli(*[x for kv in base.items() for x in kv])
     assert result.exit_code == 1
     assert result.output.strip() == message
+
+
+# --- end to end on a tiny model ----------------------------------------------------------------------------
+
+CHOICE_TOKENS = ev.TASKS["choice"].max_new_tokens
+
+
+@pytest.fixture(scope="module")
+def model_folder(tiny_official, tmp_path_factory) -> Path:
+    return make_lively_folder(tiny_official[1], tmp_path_factory.mktemp("eval") / "official")
+
+
+@pytest.fixture(scope="module")
+def loaded(model_folder):
+    return load(model_folder, device="cpu", dtype=torch.float32)
+
+
+def e2e_choice(tmp_path: Path) -> Path:
+    """Four questions with images of three colours, one image missing and one corrupt: 4 answered, 2 skipped."""
+    for name, colour in (("red.png", (200, 30, 30)), ("blue.png", (30, 30, 200)), ("green.png", (30, 200, 30))):
+        make_image(tmp_path / name, colour)
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    records = [{"id": f"q{i}", "question": f"What colour is shape {i}?", "options": ["red", "blue", "green"],
+                "answer": i % 3, "image": image, "category": "colour" if i % 2 else "shape"}
+               for i, image in enumerate(["red.png", "blue.png", "gone.png", "green.png", "corrupt.png", "red.png"])]
+    return write_json(tmp_path / "colours.json", records)
+
+
+def test_eval_answers_as_one_by_one_greedy_decoding_and_skips_bad_images(loaded, tmp_path):
+    data = e2e_choice(tmp_path)
+    console = quiet()
+    result = ev.evaluate(loaded, task="choice", data=data, out=tmp_path / "out", batch_size=3, console=console)
+    lines = [json.loads(line) for line in (tmp_path / "out" / ev.PREDICTIONS_FILE).read_text().splitlines()]
+    assert [line["id"] for line in lines] == ["q0", "q1", "q3", "q5"]
+    items = {item.id: item for item in ev.read_items("choice", data)}
+    for line in lines:  # the batched answers are those of the chat's one-conversation path, greedy
+        item = items[line["id"]]
+        assert line["prediction"] == answer(loaded, item.question, item.image, temperature=0,
+                                            max_new_tokens=CHOICE_TOKENS)
+    assert result["skipped"] == {"count": 2, "first": [str(tmp_path / "gone.png"), str(tmp_path / "corrupt.png")]}
+    expected = metrics.choice_scores((items[l["id"]].truth[0], l["prediction"], 3, items[l["id"]].group) for l in lines)
+    assert result["metrics"] == expected and result["scored"] == 4
+    assert "2 of 6 items skipped" in console.file.getvalue()
+
+
+def test_resume_after_a_kill_answers_only_what_is_left(loaded, tmp_path):
+    data = e2e_choice(tmp_path)
+    items = ev.read_items("choice", data)
+    out = tmp_path / "out"
+    # a run killed while writing its third line: two complete lines (answers the model would not give) and half
+    write_predictions(out, {"q0": "A", "q1": "C"}, items)
+    with (out / ev.PREDICTIONS_FILE).open("a") as f:
+        f.write('{"id": "q3", "question": "What col')
+    result = ev.evaluate(loaded, task="choice", data=data, out=out, batch_size=2, console=quiet())
+    lines = [json.loads(line) for line in (out / ev.PREDICTIONS_FILE).read_text().splitlines()]
+    assert [line["id"] for line in lines] == ["q0", "q1", "q3", "q5"]  # each once; q0, q1 not answered again
+    assert [line["prediction"] for line in lines[:2]] == ["A", "C"]
+    answers = {line["id"]: line["prediction"] for line in lines}
+    # q0 "A" is right (red), q1 "C" is wrong (blue is B); q3 and q5 as the model answered them
+    expected = metrics.choice_scores((item.truth[0], answers[item.id], 3, item.group) for item in items
+                                     if item.id in answers)
+    assert result["metrics"] == expected and result["scored"] == 4
+    again = ev.evaluate(loaded, task="choice", data=data, out=out, console=quiet())  # nothing left: no decoding
+    assert again["metrics"] == expected
+    assert len((out / ev.PREDICTIONS_FILE).read_text().splitlines()) == 4
+
+
+def test_text_only_model_refuses_image_items(tiny_base, tmp_path):
+    data = e2e_choice(tmp_path)
+    with pytest.raises(Lav2Error, match="is a text-only model .* evaluate a multimodal model folder"):
+        ev.evaluate(tiny_base[1], task="choice", data=data, out=tmp_path / "out", dtype="float32", console=quiet())
+
+
+def test_cli_end_to_end_with_progress_and_table(model_folder, tmp_path):
+    data = e2e_choice(tmp_path)
+    out = tmp_path / "out"
+    result = run_cli("--model", model_folder, "--task", "choice", "--data", data, "--out", out, "--limit", "2",
+                     "--batch-size", "2", "--device", "cpu", "--dtype", "float32")
+    assert result.exit_code == 0, result.output
+    assert "choice: 2 of 2 items scored" in result.output and "eval choice" in result.output  # table, bar
+    assert json.loads((out / ev.METRICS_FILE).read_text())["scored"] == 2

@@ -18,19 +18,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+import lav2
 from lav2 import metrics
 from lav2.checkpoint import Loaded, write_text_atomic
-from lav2.data import open_image
 from lav2.errors import Lav2Error
+from lav2.generate import Sampling, answer_batch, encode_dialog
+from lav2.images import open_image
 from lav2.prompts import CAPTION_INSTRUCTION, Turn
 from lav2.recipe import short_path
 
 DTYPES = ("float32", "bfloat16", "float16")
 PREDICTIONS_FILE = "predictions.jsonl"
+MISSING, TOO_LONG = "image missing or unreadable", "too long for the model's context"  # why an item is left out
 METRICS_FILE = "metrics.json"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # LLaVA-1.5's instructions for short answers, the ones its published numbers were made with.
@@ -460,22 +464,6 @@ def _check_same_questions(items: Sequence[Item], done: dict[str, dict], path: Pa
                             f"predictions come from another eval; use another --out")
 
 
-def _open_images(batch: Sequence[Item]) -> tuple[list[Item], list, list[Item]]:
-    """(readable items, their PIL images or None, items whose image is missing or unreadable)."""
-    good, images, bad = [], [], []
-    for item in batch:
-        if item.image is None:
-            good.append(item)
-            images.append(None)
-            continue
-        try:
-            images.append(open_image(item.image))
-            good.append(item)
-        except Lav2Error:
-            bad.append(item)
-    return good, images, bad
-
-
 # --- the run -----------------------------------------------------------------------------------------------
 
 
@@ -502,21 +490,23 @@ def evaluate(model: Union[str, Path, Loaded], *, task: str, data: Union[str, Pat
     done = read_predictions(predictions_path)
     _check_same_questions(items, done, predictions_path)
     todo = [item for item in items if item.id not in done]
-    skipped = [item for item in todo if item.image is not None and not item.image.is_file()]  # before loading
-    todo = [item for item in todo if item.image is None or item.image.is_file()]
+    skipped = [(item, MISSING) for item in todo if item.image is not None and not item.image.is_file()]
+    todo = [item for item in todo if item.image is None or item.image.is_file()]  # checked before loading
     model_name = str(model.folder if isinstance(model, Loaded) else model)
     if todo:
         loaded = model if isinstance(model, Loaded) else _load(model, device, dtype)
         skipped += _answer(loaded, task, todo, predictions_path, done, batch_size, console)
     answered = [(item, done[item.id]["prediction"]) for item in items if item.id in done]
+    reasons = {reason: sum(r == reason for _, r in skipped) for reason in dict.fromkeys(r for _, r in skipped)}
+    why = ", ".join(f"{count} {reason}" for reason, count in reasons.items())
     result = {"task": task, "model": model_name, "data": str(data), "items": len(items), "scored": len(answered),
-              "skipped": {"count": len(skipped), "first": [_image_name(i) for i in skipped[:5]]}}
-    if skipped:
-        console.print(f"{len(skipped)} of {len(items)} items skipped: image missing or unreadable (first: "
-                      f"{', '.join(result['skipped']['first'])}); they are not in the score")
+              "skipped": {"count": len(skipped), "reasons": reasons, "first": [_name(i, r) for i, r in skipped[:5]]}}
     if not answered:
-        raise Lav2Error(f"no item could be scored: all {len(items)} images are missing or unreadable; check "
-                        f"--image-root (default: the data file's folder)")
+        raise Lav2Error(f"no item could be scored: all {len(items)} were skipped ({why}); check --image-root "
+                        f"(default: the data file's folder)")
+    if skipped:
+        console.print(f"{len(skipped)} of {len(items)} items skipped ({why}; first: "
+                      f"{', '.join(result['skipped']['first'])}); they are not in the score")
     result["metrics"] = TASKS[task].score(answered)
     write_text_atomic(out / METRICS_FILE, json.dumps(result, indent=2) + "\n")
     if "note" in result["metrics"]:
@@ -526,13 +516,9 @@ def evaluate(model: Union[str, Path, Loaded], *, task: str, data: Union[str, Pat
 
 
 def _load(model, device: Optional[str], dtype: Optional[str]) -> Loaded:
-    import torch
-
-    from lav2 import load
-
     if dtype is not None and dtype not in DTYPES:
         raise Lav2Error(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    return load(model, device=device, dtype=None if dtype is None else getattr(torch, dtype))
+    return lav2.load(model, device=device, dtype=None if dtype is None else getattr(torch, dtype))
 
 
 def default_out(model: Union[str, Path], task: str, data: Union[str, Path]) -> Path:
@@ -540,16 +526,15 @@ def default_out(model: Union[str, Path], task: str, data: Union[str, Path]) -> P
     return Path("eval") / f"{Path(model).name}-{task}-{Path(data).stem}"
 
 
-def _image_name(item: Item) -> str:
-    return short_path(item.image) if item.image is not None else item.id
+def _name(item: Item, reason: str) -> str:
+    """How a skipped item is named: its image when that is the trouble, else its id."""
+    return short_path(item.image) if reason == MISSING else item.id
 
 
 def _answer(loaded: Loaded, task: str, todo: list[Item], path: Path, done: dict[str, dict], batch_size: int,
-            console: Console) -> list[Item]:
+            console: Console) -> list[tuple[Item, str]]:
     """Answer `todo` in batches, appending each batch's lines to `path` (and `done`) as it finishes; returns
-    the items whose image could not be decoded."""
-    from lav2.generate import Sampling, answer_batch
-
+    the items left out, each with why: an image that does not decode, a prompt the context cannot hold."""
     if loaded.config.visual_len == 0 and any(item.image is not None for item in todo):
         raise Lav2Error(f"{loaded.folder} is a text-only model (no visual branch) but the {task} items come with "
                         f"images; evaluate a multimodal model folder")
@@ -561,10 +546,20 @@ def _answer(loaded: Loaded, task: str, todo: list[Item], path: Path, done: dict[
         bar = progress.add_task(f"eval {task}", total=len(todo))
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
-            good, images, bad = _open_images(batch)
-            skipped.extend(bad)
+            good, images, dialogs = [], [], []
+            for item in batch:
+                dialog = [Turn(user=item.question, input=item.context)]
+                if len(encode_dialog(loaded, dialog)) + sampling.max_new_tokens > loaded.config.max_seq_len:
+                    skipped.append((item, TOO_LONG))
+                    continue
+                try:
+                    images.append(None if item.image is None else open_image(item.image))
+                except Lav2Error:
+                    skipped.append((item, MISSING))
+                    continue
+                good.append(item)
+                dialogs.append(dialog)
             if good:
-                dialogs = [[Turn(user=item.question, input=item.context)] for item in good]
                 answers = answer_batch(loaded, dialogs, images=images, sampling=sampling)
                 for item, text in zip(good, answers):
                     f.write(json.dumps({"id": item.id, "question": item.question, "prediction": text}) + "\n")

@@ -240,10 +240,11 @@ def test_a_finished_run_is_scored_from_its_predictions_without_the_model(tmp_pat
                                  "categories": {"c1": {"accuracy": 50.0, "count": 2},
                                                 "c2": {"accuracy": 100.0, "count": 1}}}
     assert (result["items"], result["scored"]) == (5, 3)
-    assert result["skipped"] == {"count": 2, "first": [str(tmp_path / "gone.png"), str(tmp_path / "gone_too.png")]}
+    assert result["skipped"] == {"count": 2, "reasons": {"image missing or unreadable": 2},
+                                 "first": [str(tmp_path / "gone.png"), str(tmp_path / "gone_too.png")]}
     assert json.loads((out / ev.METRICS_FILE).read_text()) == result
     printed = console.file.getvalue()
-    assert "2 of 5 items skipped: image missing or unreadable (first: " in printed and "gone.png" in printed
+    assert "2 of 5 items skipped (2 image missing or unreadable; first: " in printed and "gone.png" in printed
     assert "66.67" in printed  # the table
 
 
@@ -304,7 +305,7 @@ def test_vqa_scored_from_predictions(tmp_path):
 
 def test_all_images_missing_is_one_line(tmp_path):
     data = write_json(tmp_path / "caps.json", [{"image": "gone.png", "caption": "x"}])
-    with pytest.raises(Lav2Error, match="no item could be scored: all 1 images are missing or unreadable"):
+    with pytest.raises(Lav2Error, match=r"no item could be scored: all 1 were skipped \(1 image missing or unr"):
         ev.evaluate("no-model", task="caption", data=data, out=tmp_path / "out", console=quiet())
 
 
@@ -376,10 +377,21 @@ def test_eval_answers_as_one_by_one_greedy_decoding_and_skips_bad_images(loaded,
         item = items[line["id"]]
         assert line["prediction"] == answer(loaded, item.question, item.image, temperature=0,
                                             max_new_tokens=CHOICE_TOKENS)
-    assert result["skipped"] == {"count": 2, "first": [str(tmp_path / "gone.png"), str(tmp_path / "corrupt.png")]}
+    assert result["skipped"] == {"count": 2, "reasons": {"image missing or unreadable": 2},
+                                 "first": [str(tmp_path / "gone.png"), str(tmp_path / "corrupt.png")]}
     expected = metrics.choice_scores((items[l["id"]].truth[0], l["prediction"], 3, items[l["id"]].group) for l in lines)
     assert result["metrics"] == expected and result["scored"] == 4
-    assert "2 of 6 items skipped" in console.file.getvalue()
+    assert "2 of 6 items skipped (2 image missing or unreadable; first: " in console.file.getvalue()
+
+
+def test_a_prompt_longer_than_the_context_is_skipped_and_named(loaded, tmp_path):
+    make_image(tmp_path / "red.png")
+    data = write_json(tmp_path / "long.json", [
+        {"id": "short", "question": "Which?", "options": ["red", "blue"], "answer": 0, "image": "red.png"},
+        {"id": "long", "question": "Which? " * loaded.config.max_seq_len, "options": ["red", "blue"], "answer": 0}])
+    result = ev.evaluate(loaded, task="choice", data=data, out=tmp_path / "out", console=quiet())
+    assert result["skipped"] == {"count": 1, "reasons": {"too long for the model's context": 1}, "first": ["long"]}
+    assert result["scored"] == 1
 
 
 def test_resume_after_a_kill_answers_only_what_is_left(loaded, tmp_path):

@@ -8,7 +8,8 @@ Four tasks, each a reader of the benchmark's published files, a one-turn prompt 
 The output folder holds `predictions.jsonl`, one line per answered item, appended as each batch finishes, and
 `metrics.json`, written whole at the end. Items are keyed by a stable id, so a killed run started again with
 the same --out answers only what is left and scores every item once. Items whose image is missing or
-unreadable are counted, named in one line and left out of the score.
+unreadable, or whose prompt the model's context cannot hold, are counted, named in one line and left out of
+the score.
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from lav2.images import open_image
 from lav2.prompts import CAPTION_INSTRUCTION, Turn
 from lav2.recipe import short_path
 
-DTYPES = ("float32", "bfloat16", "float16")
 PREDICTIONS_FILE = "predictions.jsonl"
-MISSING, TOO_LONG = "image missing or unreadable", "too long for the model's context"  # why an item is left out
 METRICS_FILE = "metrics.json"
+MISSING, TOO_LONG = "image missing or unreadable", "too long for the model's context"  # why an item is left out
+DTYPES = ("float32", "bfloat16", "float16")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # LLaVA-1.5's instructions for short answers, the ones its published numbers were made with.
 CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -395,6 +396,8 @@ def _score_vqa(answered: list[tuple[Item, str]]) -> dict:
 
 @dataclass(frozen=True)
 class Task:
+    """What differs between tasks once their items are read: how answers are scored, how long they may be."""
+
     score: Callable[[list[tuple[Item, str]]], dict]
     max_new_tokens: int  # room for the answer the prompt asks for, and a little more
 

@@ -8,11 +8,15 @@ a random fallback), the docstring says so.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 import shutil
-from pathlib import Path
+import sys
+import tempfile
 from collections import defaultdict
-from typing import Iterable, Mapping, Optional, Sequence
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 from lav2.errors import Lav2Error
 
@@ -68,21 +72,39 @@ def caption_scores(references: Mapping[str, Sequence[str]], predictions: Mapping
 
 
 def _ptb_tokenize(captions: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
-    """pycocoevalcap's PTB tokenizer (Stanford CoreNLP through `java`), its failures turned into one line."""
+    """pycocoevalcap's PTB tokenizer (Stanford CoreNLP through `java`), its failures turned into one line. Java's
+    progress and warnings, which would land between our progress bar and table, are kept for that line."""
     from pycocoevalcap.tokenizer import ptbtokenizer
 
-    try:
-        tokens = ptbtokenizer.PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
-    except OSError as e:  # it writes its input file beside its jar, inside the installed package
-        raise Lav2Error(f"pycocoevalcap's PTB tokenizer could not run ({e}); it needs to write into "
-                        f"{Path(ptbtokenizer.__file__).parent}: install lav2 where you can write (a virtual "
-                        f"environment)") from None
-    lost = any(len(tokens.get(k, ())) != len(v) or any(plain_tokens(c) and not t for c, t in zip(v, tokens[k]))
-               for k, v in captions.items())  # a caption with words has tokens: else java failed
-    if lost:
-        raise Lav2Error(f"the PTB tokenizer (run with {shutil.which('java')}) gave no output for some captions; "
-                        f"check that `java -version` works")
+    with tempfile.TemporaryFile() as log, _stderr_to(log):
+        try:
+            tokens = ptbtokenizer.PTBTokenizer().tokenize({k: [{"caption": c} for c in v]
+                                                           for k, v in captions.items()})
+        except OSError as e:  # it writes its input file beside its jar, inside the installed package
+            raise Lav2Error(f"pycocoevalcap's PTB tokenizer could not run ({e}); it needs to write into "
+                            f"{Path(ptbtokenizer.__file__).parent}: install lav2 where you can write (a virtual "
+                            f"environment)") from None
+        lost = any(len(tokens.get(k, ())) != len(v) or any(plain_tokens(c) and not t for c, t in zip(v, tokens[k]))
+                   for k, v in captions.items())  # a caption with words has tokens: else java failed
+        if lost:
+            log.seek(0)
+            said = [line.strip() for line in log.read().decode(errors="replace").splitlines() if line.strip()]
+            raise Lav2Error(f"the PTB tokenizer (run with {shutil.which('java')}) gave no output for some captions"
+                            f"{f' ({said[-1]})' if said else ''}; check that `java -version` works")
     return tokens
+
+
+@contextlib.contextmanager
+def _stderr_to(file) -> Iterator[None]:
+    """Point file descriptor 2, which child processes inherit, at `file` meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(file.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 # --- MME ---------------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ SHAPES = {"circle": ["a red circle on a grey ground"], "square": ["one blue squa
 
 
 @needs_java
-def test_caption_scores_with_java_are_comparable():
+def test_caption_scores_with_java_are_comparable(capfd):
     # One corpus of three images (METEOR's Java start is slow): the mat prediction above, plus both SHAPES
     # predicted exactly (7 and 6 words, every n-gram matching). BLEU sums the counts over the corpus:
     #   words 5 + 7 + 6 = 18 against closest reference lengths 6 + 7 + 6 = 19: penalty exp(1 - 19/18)
@@ -62,6 +62,7 @@ def test_caption_scores_with_java_are_comparable():
     assert scores["ROUGE_L"] == pytest.approx((ROUGE_L + 1 + 1) / 3, rel=1e-6)  # the mean over images
     assert 0.5 < scores["METEOR"] < 1  # two perfect matches (1 each) and a partial one
     assert scores["comparable"] is True and "note" not in scores
+    assert "PTBTokenizer" not in capfd.readouterr().err  # java's chatter stays out of the run's output
 
 
 def test_caption_scores_without_java_say_they_are_not_comparable(monkeypatch):
@@ -77,10 +78,11 @@ def test_caption_scores_without_java_say_they_are_not_comparable(monkeypatch):
 
 def test_caption_scores_with_a_broken_java_are_one_line(tmp_path, monkeypatch):
     java = tmp_path / "java"
-    java.write_text("#!/bin/sh\nexit 1\n")
+    java.write_text("#!/bin/sh\necho 'Error: could not create the Java Virtual Machine.' >&2\nexit 1\n")
     java.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    with pytest.raises(Lav2Error, match=f"the PTB tokenizer \\(run with {java}\\) gave no output"):
+    with pytest.raises(Lav2Error, match=f"the PTB tokenizer \\(run with {java}\\) gave no output for some "
+                                        f"captions \\(Error: could not create the Java Virtual Machine.\\)"):
         caption_scores(MAT_REFS, {"mat": "a dog"})
 
 

@@ -140,7 +140,8 @@ def test_read_choice_prompts_with_lettered_options(tmp_path):
     assert first.question == "Which is a metal?\nA. wood\nB. iron\n" + ev.CHOICE_INSTRUCTION
     assert (first.id, first.truth, first.group, first.context, first.image) == (
         "q1", (1, 2), "physics", "Metals conduct.", tmp_path / "a.png")
-    assert (second.id, second.truth, second.image, second.group, second.context) == ("record 1", (2, 3), None, None, None)
+    assert (second.id, second.truth, second.image, second.group, second.context) == (
+        "record 1", (2, 3), None, None, None)
 
 
 @pytest.mark.parametrize("record, problem", [

@@ -218,7 +218,6 @@ def test_read_predictions_drops_a_line_cut_by_a_kill(tmp_path):
 def choice_data(tmp_path: Path) -> Path:
     for name in ("a.png", "b.png", "c.png"):
         make_image(tmp_path / name)
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     return write_json(tmp_path / "sqa.json", [
         {"id": "1", "question": "Q1", "options": ["x", "y"], "answer": "A", "image": "a.png", "category": "c1"},
         {"id": "2", "question": "Q2", "options": ["x", "y"], "answer": "B", "image": "b.png", "category": "c1"},
@@ -357,7 +356,7 @@ def loaded(model_folder):
 
 
 def e2e_choice(tmp_path: Path) -> Path:
-    """Four questions with images of three colours, one image missing and one corrupt: 4 answered, 2 skipped."""
+    """Six questions on images of three colours, one image missing and one corrupt: 4 answered, 2 skipped."""
     for name, colour in (("red.png", (200, 30, 30)), ("blue.png", (30, 30, 200)), ("green.png", (30, 200, 30))):
         make_image(tmp_path / name, colour)
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)

@@ -28,6 +28,7 @@ setup(
         "Pillow>=10",
         "PyYAML>=6",
         "matplotlib>=3.7",
+        "pycocoevalcap>=1.2",  # COCO caption metrics (BLEU, METEOR, ROUGE_L, CIDEr) as papers report them
     ],
     extras_require={
         "8bit": ["bitsandbytes>=0.43"],

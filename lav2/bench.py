@@ -600,5 +600,56 @@ def memory_7b(config_name, layers, seq_len, micro_batch_size, device, table):
     emit(bench_memory_7b(config_name=config_name, layers=layers, seq_len=seq_len, micro_batch_size=micro_batch_size, device=device), table)
 
 
+# --- eval ----------------------------------------------------------------------------------------------------
+
+
+def bench_eval(*, config_name: str, items: int, batch_sizes: list[int], new_tokens: int, device: Optional[str]) -> dict:
+    """Items/s of greedy answers to image questions (generate.answer_batch, as `lav2 eval` runs them) at each
+    batch size, on a random model: every answer is `new_tokens` long (random weights rarely say eos early)."""
+    from PIL import Image
+
+    from lav2.generate import Sampling, answer_batch
+    from lav2.prompts import Turn
+
+    dev = pick_device(device)
+    with tempfile.TemporaryDirectory(prefix="lav2-bench-") as tmp:
+        loaded = checkpoint.load(random_folder(CONFIGS[config_name], Path(tmp) / "model",
+                                               clip_config(CONFIGS[config_name])), dev)
+    generator = torch.Generator().manual_seed(0)
+    images = [Image.fromarray(torch.randint(0, 256, (64, 64, 3), generator=generator, dtype=torch.uint8).numpy())
+              for _ in range(items)]
+    dialogs = [[Turn(f"What colour is shape number {i}?")] for i in range(items)]
+    sampling = Sampling(temperature=0, max_new_tokens=new_tokens)
+    answer_batch(loaded, dialogs[:1], images=images[:1], sampling=sampling)  # warm-up
+    result: dict = {"benchmark": "eval", "config": config_name, "items": items, "new_tokens": new_tokens,
+                    "items_per_s": {}, "seconds": {}}
+    for size in batch_sizes:
+        sync(dev)
+        start = time.perf_counter()
+        for i in range(0, items, size):
+            answer_batch(loaded, dialogs[i:i + size], images=images[i:i + size], sampling=sampling)
+        sync(dev)
+        seconds = time.perf_counter() - start
+        result["seconds"][str(size)] = seconds
+        result["items_per_s"][str(size)] = items / seconds
+    first, last = (str(s) for s in (batch_sizes[0], batch_sizes[-1]))
+    result["speedup"] = result["items_per_s"][last] / result["items_per_s"][first]
+    result["machine"] = machine(dev)
+    return result
+
+
+@main.command("eval")
+@click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default="small", show_default=True)
+@click.option("--items", default=16, show_default=True, help="Questions, each with its own image.")
+@click.option("--batch-sizes", default="1,8", show_default=True, help="Comma-separated batch sizes to time.")
+@click.option("--new-tokens", default=16, show_default=True, help="Tokens per answer.")
+@device_option
+@table_option
+def eval_command(config_name, items, batch_sizes, new_tokens, device, table):
+    """Items/s of batched greedy answering (lav2 eval's decoding) at several batch sizes."""
+    emit(bench_eval(config_name=config_name, items=items, batch_sizes=[int(s) for s in batch_sizes.split(",")],
+                    new_tokens=new_tokens, device=device), table)
+
+
 if __name__ == "__main__":
     main()

@@ -32,9 +32,10 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lav2 import fastpath
+from lav2 import fastpath, memory
 from lav2.errors import Lav2Error
 from lav2.images import Preprocess, make_preprocess
 from lav2.model import (LINEARS, AdapterLinear, Config, LLaMAAdapter, PRESETS, adapter_state_dict,
@@ -334,6 +335,22 @@ def build_clip_visual(clip_config: dict) -> nn.Module:
     return open_clip.CLIP(**clip_config).visual
 
 
+def clip_params(spec: Optional[dict]) -> int:
+    """Parameters of a CLIP spec's vision tower, counted on the meta device (nothing is read or downloaded)."""
+    if spec is None:
+        return 0
+    if "config" in spec:
+        kwargs = spec["config"]
+    else:
+        import open_clip
+
+        kwargs = open_clip.get_model_config(spec["name"])
+        if kwargs is None:
+            return 0  # an unknown name fails with its own message when the CLIP loads
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_clip_visual(kwargs).parameters())
+
+
 def load_clip(spec: dict, folder: Path, device) -> tuple[torch.nn.Module, Callable]:
     """The frozen CLIP vision tower and its eval transform (PIL image -> tensor), from a CLIP spec."""
     import open_clip
@@ -397,16 +414,26 @@ def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
 def write_folder(out: Path, *, config: Config, layout: str, tokenizer: Path, base_weights=None, base: Optional[str] = None,
                  adapter=None, clip_spec: Optional[dict] = None, clip_weights=None, prompt_style: str = "chat",
                  source: Optional[dict] = None) -> None:
-    """Write the files of a model folder into `out` (an existing, empty folder: see atomic_folder)."""
-    if base_weights is not None:
+    """Write the files of a model folder into `out` (an existing, empty folder: see atomic_folder).
+    base_weights: one state dict (model.safetensors), or an iterable of shards, each written and dropped before
+    the next is made (model-00001.safetensors, ...), so that a 7B base never has to be in memory whole."""
+    weights = None
+    if isinstance(base_weights, dict):
         save_tensors(base_weights, out / WEIGHTS_FILE)
+        weights = WEIGHTS_FILE
+    elif base_weights is not None:
+        weights = []
+        for i, shard in enumerate(base_weights, 1):
+            weights.append(f"model-{i:05d}.safetensors")
+            save_tensors(shard, out / weights[-1])
+            del shard
     if adapter:
         save_tensors(adapter, out / ADAPTER_FILE)
     if clip_weights is not None:
         save_tensors(clip_weights, out / CLIP_FILE)
     shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
     meta = dict(format="lav2", version=FORMAT_VERSION, layout=layout, config=config.to_dict(),
-                weights=WEIGHTS_FILE if base_weights is not None else None, base=base,
+                weights=weights, base=base,
                 adapter=ADAPTER_FILE if adapter else None, clip=clip_spec, prompt_style=prompt_style,
                 source=source or {})
     (out / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -460,16 +487,17 @@ class Loaded:
     folder: Path
     info: dict  # the folder's lav2.json
     clip_spec: Optional[dict] = None  # the CLIP the folder (or a base it builds on) names; None: none named
+    memory_note: Optional[str] = None  # why the dtype differs from the one asked for (memory.plan_inference)
 
 
 # lav2.json's fields: the JSON types each may have, and whether it must be there
 FOLDER_FIELDS = {
     "format": ((str,), True), "version": ((int,), True), "config": ((dict,), True), "layout": ((str,), False),
-    "weights": ((str, type(None)), False), "base": ((str, type(None)), False),
+    "weights": ((str, list, type(None)), False), "base": ((str, type(None)), False),
     "adapter": ((str, type(None)), False), "clip": ((dict, type(None)), False),
     "prompt_style": ((str,), False), "source": ((dict,), False),
 }
-JSON_NAMES = {dict: "an object", str: "a string", int: "an integer", type(None): "null"}
+JSON_NAMES = {dict: "an object", str: "a string", int: "an integer", list: "a list of file names", type(None): "null"}
 
 
 def read_folder_info(folder: Path) -> dict:
@@ -515,9 +543,14 @@ def read_folder_info(folder: Path) -> dict:
     except (TypeError, ValueError) as e:
         raise bad(f"bad model config ({e})") from None
     for key in ("weights", "adapter"):
-        if info.get(key) and not (folder / info[key]).is_file():
-            raise Lav2Error(f"{folder}: {CONFIG_FILE} names the {key} file {info[key]!r}, which is missing; the "
-                            f"folder is incomplete: make it again")
+        names = info.get(key) or []
+        names = [names] if isinstance(names, str) else names
+        if not all(isinstance(name, str) for name in names):
+            raise bad(f"the field {key!r} must name files, not {info[key]!r}")
+        for name in names:
+            if not (folder / name).is_file():
+                raise Lav2Error(f"{folder}: {CONFIG_FILE} names the {key} file {name!r}, which is missing; the "
+                                f"folder is incomplete: make it again")
     return info
 
 
@@ -538,22 +571,70 @@ def base_folder(folder: Path, info: dict) -> Optional[Path]:
     return None if not info.get("base") else (folder / info["base"]).resolve()
 
 
-def collect_weights(folder: Path, info: dict, device="cpu") -> tuple[dict[str, torch.Tensor], Optional[dict], Path]:
-    """Base weights (following "base" links), this folder's adapter on top; the CLIP spec and its folder."""
-    state, clip_spec, clip_folder = {}, info.get("clip"), folder
+def weight_files(folder: Path, info: dict) -> tuple[list[Path], Optional[dict], Path]:
+    """The safetensors files of a folder's model, base first (following "base" links), its adapter last; the
+    CLIP spec and the folder its weights are in."""
+    files, clip_spec, clip_folder = [], info.get("clip"), folder
     parent = base_folder(folder, info)
     if parent is not None:
         if not parent.is_dir():
             raise Lav2Error(f"{folder}: builds on the base folder {parent}, which is missing; put it back where "
                             f"{folder / CONFIG_FILE} says ('base')")
-        state, parent_clip, parent_clip_folder = collect_weights(parent, read_folder_info(parent), device)
+        files, parent_clip, parent_clip_folder = weight_files(parent, read_folder_info(parent))
         if clip_spec is None:
             clip_spec, clip_folder = parent_clip, parent_clip_folder
-    if info.get("weights"):
-        state.update(read_safetensors(folder / info["weights"], device))
+    weights = info.get("weights") or []
+    files += [folder / name for name in ([weights] if isinstance(weights, str) else weights)]
     if info.get("adapter"):
-        state.update(read_safetensors(folder / info["adapter"], device))
-    return state, clip_spec, clip_folder
+        files.append(folder / info["adapter"])
+    return files, clip_spec, clip_folder
+
+
+def tensor_shapes(files: list[Path]) -> dict[str, torch.Tensor]:
+    """Every tensor's shape, read from the files' headers only, as meta tensors (for check_state)."""
+    shapes = {}
+    for path in files:
+        try:
+            with safe_open(path, "pt") as f:
+                shapes.update({k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()})
+        except (SafetensorError, OSError) as e:
+            raise Lav2Error(f"{path}: cannot read as safetensors ({e}); the file may be truncated: download it "
+                            f"again") from None
+    return shapes
+
+
+def read_tensors(files: list[Path], device="cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """The files' tensors one at a time (a later file's tensor of the same name wins, as with dict.update)."""
+    last = {}
+    for i, path in enumerate(files):
+        try:
+            with safe_open(path, "pt") as f:
+                last.update({k: i for k in f.keys()})
+        except (SafetensorError, OSError):
+            pass  # tensor_shapes has said what is wrong with it
+    for i, path in enumerate(files):
+        try:
+            with safe_open(path, "pt", device=str(device)) as f:
+                for key in f.keys():
+                    if last[key] == i:
+                        yield key, f.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise Lav2Error(f"{path}: cannot read as safetensors ({e}); the file may be truncated: download it "
+                            f"again") from None
+
+
+def collect_weights(folder: Path, info: dict, device="cpu") -> tuple[dict[str, torch.Tensor], Optional[dict], Path]:
+    """All of a folder's weights in one state dict (see weight_files); the CLIP spec and its folder."""
+    files, clip_spec, clip_folder = weight_files(folder, info)
+    return dict(read_tensors(files, device)), clip_spec, clip_folder
+
+
+def effective_clip(folder: Path, info: dict) -> Optional[dict]:
+    """The CLIP spec in force for a folder: its own, else that of the base it builds on."""
+    if info.get("clip") is not None:
+        return info["clip"]
+    parent = base_folder(folder, info)
+    return None if parent is None or not parent.is_dir() else effective_clip(parent, read_folder_info(parent))
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -609,6 +690,17 @@ def with_layout(base: Config, layout: Config) -> Config:
 QUANTIZE = ("int8", "8bit")
 
 
+def assign_(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Put `tensor` in the model where state dict key `key` points (as load_state_dict(assign=True) does, one
+    tensor at a time)."""
+    prefix, _, name = key.rpartition(".")
+    module = model.get_submodule(prefix)
+    if name in module._parameters:
+        setattr(module, name, nn.Parameter(tensor, requires_grad=module._parameters[name].requires_grad))
+    else:
+        module._buffers[name] = tensor
+
+
 def load(path, device=None, dtype=None, *, quantize: Optional[str] = None, layout: Optional[str] = None,
          seed: int = 0) -> Loaded:
     """Build the model of a lav2 folder: the one way from a folder to a model, for chat, eval, serve, fine-tuning
@@ -623,10 +715,15 @@ def load(path, device=None, dtype=None, *, quantize: Optional[str] = None, layou
     folder = Path(path)
     info = read_folder_info(folder)
     device = pick_device(device)
-    dtype = dtype or default_dtype(device)
     if quantize not in (None, *QUANTIZE):
         raise Lav2Error(f"quantize must be one of {', '.join(QUANTIZE)}, not {quantize!r}")
     config = Config.from_dict(info["config"])
+    note = None
+    if layout is None:  # inference: load what fits (training checks its own, larger, need: finetune)
+        plan = memory.plan_inference(config, device, dtype=dtype, quantize=quantize, default_dtype=default_dtype(device),
+                                     clip_params=clip_params(effective_clip(folder, info)) if config.visual_len else 0)
+        dtype, quantize, note = plan.dtype, plan.quantize, plan.note
+    dtype = dtype or default_dtype(device)
     if layout is not None:
         if info.get("adapter"):
             raise Lav2Error(f"{folder}: is a fine-tuned model folder; give the plain LLaMA folder it builds on "
@@ -635,18 +732,23 @@ def load(path, device=None, dtype=None, *, quantize: Optional[str] = None, layou
             config = with_layout(config, Config.from_name(layout))
         except (KeyError, ValueError) as e:
             raise Lav2Error(f"layout {layout} does not fit the base {folder} ({e})") from None
-    state, clip_spec, clip_folder = collect_weights(folder, info, device)  # read straight onto the device
+    files, clip_spec, clip_folder = weight_files(folder, info)
     model = meta_model(config)  # no CLIP yet: its weights load below
     expected = model.state_dict()
     if layout is not None:  # the base's tensors only: the adapter is made below
         base = base_state_names(model)
         expected = {k: v for k, v in expected.items() if k in base and not k.startswith("visual.")}
-    check_state(state, {k: v for k, v in expected.items() if not k.startswith("visual.clip.")}, f"{folder}")
-    for key in state:  # one tensor at a time, so a 7B model never exists twice in memory
+    check_state(tensor_shapes(files), expected, f"{folder}")
+    kind = "8bit" if quantize == "8bit" or (quantize == "int8" and device.type == "cuda") else quantize
+    if kind == "int8" and layout is not None:
+        raise Lav2Error("int8 weight-only matrices are for inference; train with load_in_8bit (bitsandbytes)")
+    if kind == "8bit":
+        fastpath.require_bitsandbytes()
+    for key, tensor in read_tensors(files, device):  # one tensor at a time, straight onto the device
         trainable_norm = layout is not None and key.endswith("norm.weight")  # trained in float32
-        state[key] = state[key].to(torch.float32 if trainable_norm else dtype)
-    model.load_state_dict(state, assign=True, strict=layout is None)  # a new adapter is made below
-    state.clear()  # the model holds the tensors now: a fastpath swap frees each old copy as it replaces it
+        assign_(model, key, tensor.to(torch.float32 if trainable_norm else dtype))
+        if kind:  # quantized as it arrives: a big model is never in memory at full precision
+            fastpath.quantize_loaded_(model, key, kind)
     if layout is not None:
         init_adapters_(model, device=device, seed=seed)
     model.init_rope(device)
@@ -660,19 +762,13 @@ def load(path, device=None, dtype=None, *, quantize: Optional[str] = None, layou
         preprocess = make_preprocess(transform, bgr=config.bgr)
     if layout is None:
         model.requires_grad_(False).eval()
+        if not kind:
+            fastpath.store_for_decoding_(model)
     else:
         mark_trainable(model)
-    if quantize == "8bit" or (quantize == "int8" and device.type == "cuda"):
-        fastpath.quantize_8bit_(model)
-    elif quantize == "int8":
-        if layout is not None:
-            raise Lav2Error("int8 weight-only matrices are for inference; train with load_in_8bit (bitsandbytes)")
-        fastpath.quantize_int8_(model)
-    elif layout is None:
-        fastpath.store_for_decoding_(model)
     tokenizer = Tokenizer(folder / TOKENIZER_FILE)
     return Loaded(model=model, tokenizer=tokenizer, preprocess=preprocess, config=config, folder=folder, info=info,
-                  clip_spec=clip_spec)
+                  clip_spec=clip_spec, memory_note=note)
 
 
 # --- merge -------------------------------------------------------------------------------------------------

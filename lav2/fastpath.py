@@ -69,12 +69,25 @@ def store_for_decoding_(model: LLaMAAdapter) -> LLaMAAdapter:
 # --- quantized linears -------------------------------------------------------------------------------------
 
 
-def swap_linears_(model: LLaMAAdapter, make: Callable[[AdapterLinear], AdapterLinear]) -> None:
-    """Replace every float AdapterLinear of the model by make(linear)."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is AdapterLinear:
-                setattr(parent, name, make(child))
+def quantize_loaded_(model: LLaMAAdapter, key: str, kind: str) -> None:
+    """Quantize ("int8" or "8bit") the block linear whose W the state dict key `key` names, right after that W
+    was loaded (and, for int8, the output head): the checkpoint loader calls it tensor by tensor."""
+    prefix, _, name = key.rpartition(".")
+    if name != "weight":
+        return
+    module = model.get_submodule(prefix)
+    if type(module) is AdapterLinear:
+        parent, _, child = prefix.rpartition(".")
+        setattr(model.get_submodule(parent), child, (Int8Linear if kind == "int8" else Linear8bit)(module))
+    elif prefix == "output" and kind == "int8" and isinstance(module, nn.Linear):
+        model.output = Int8Head(module)
+
+
+def quantize_(model: LLaMAAdapter, kind: str) -> LLaMAAdapter:
+    """Quantize every frozen matrix of a loaded model (see quantize_loaded_)."""
+    for key in [k for k in model.state_dict() if k.endswith(".weight")]:
+        quantize_loaded_(model, key, kind)
+    return model
 
 
 class QuantizedLinear(AdapterLinear):
@@ -152,10 +165,7 @@ class Int8Head(nn.Module):
 
 def quantize_int8_(model: LLaMAAdapter) -> LLaMAAdapter:
     """Weight-only int8 for every frozen block matmul and the output head (inference only)."""
-    swap_linears_(model, Int8Linear)
-    if isinstance(model.output, nn.Linear):
-        model.output = Int8Head(model.output)
-    return model
+    return quantize_(model, "int8")
 
 
 class Linear8bit(QuantizedLinear):
@@ -175,14 +185,17 @@ class Linear8bit(QuantizedLinear):
         return self.int8(x)
 
 
-def quantize_8bit_(model: LLaMAAdapter) -> LLaMAAdapter:
-    """bitsandbytes LLM.int8 for every frozen block matmul (the 8-bit base of `load_in_8bit`)."""
+def require_bitsandbytes() -> None:
     try:
-        import bitsandbytes  # noqa: F401  (imported here only to tell a missing install in one line)
+        import bitsandbytes  # noqa: F401  (only to tell a missing install in one line)
     except ImportError:
         raise Lav2Error("8-bit needs bitsandbytes: pip install 'lav2[8bit]' (or pip install bitsandbytes)") from None
-    swap_linears_(model, Linear8bit)
-    return model
+
+
+def quantize_8bit_(model: LLaMAAdapter) -> LLaMAAdapter:
+    """bitsandbytes LLM.int8 for every frozen block matmul (the 8-bit base of `load_in_8bit`)."""
+    require_bitsandbytes()
+    return quantize_(model, "8bit")
 
 
 # --- compiled decoding -------------------------------------------------------------------------------------

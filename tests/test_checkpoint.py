@@ -17,7 +17,7 @@ from conftest import lav2_to_official, make_image, random_llama, write_meta_fold
 from lav2 import checkpoint, fastpath
 from lav2.images import make_preprocess
 from lav2.errors import Lav2Error
-from lav2.model import Config, LLaMAAdapter, adapter_state_dict
+from lav2.model import Config, adapter_state_dict
 
 
 def run_cli(*args, cwd=None):
@@ -136,22 +136,23 @@ def test_official_checkpoint_loads_back_with_identical_logits(tmp_path, tiny_bas
 
 
 def test_a_loading_model_holds_its_matrices_once(tiny_official, monkeypatch):
-    """load stores the block matrices anew for decoding (store_for_decoding_): the memory they were read into must be
-    freed as that happens, or a 7B model would briefly sit in memory twice."""
+    """load reads one tensor at a time and stores the block matrices anew for decoding (store_for_decoding_): the
+    memory each was read into must be freed as that happens, or a 7B model would briefly sit in memory twice."""
     read, freed_when_laid_out = [], []
-    load_state_dict, store_for_decoding_ = LLaMAAdapter.load_state_dict, fastpath.store_for_decoding_
+    read_tensors, store_for_decoding_ = checkpoint.read_tensors, fastpath.store_for_decoding_
 
-    def recording(self, state, *args, **kwargs):
-        read.extend(weakref.ref(t.untyped_storage()) for k, t in state.items()
-                    if k.startswith("layers.") and k.endswith(".weight") and t.ndim == 2)
-        return load_state_dict(self, state, *args, **kwargs)
+    def recording(files, device="cpu"):
+        for key, tensor in read_tensors(files, device):
+            if key.startswith("layers.") and key.endswith(".weight") and tensor.ndim == 2:
+                read.append(weakref.ref(tensor.untyped_storage()))
+            yield key, tensor
 
     def laying_out(model):
         store_for_decoding_(model)
         gc.collect()
         freed_when_laid_out.extend(storage() is None for storage in read)
 
-    monkeypatch.setattr(LLaMAAdapter, "load_state_dict", recording)
+    monkeypatch.setattr(checkpoint, "read_tensors", recording)
     monkeypatch.setattr(fastpath, "store_for_decoding_", laying_out)
     loaded = lav2.load(tiny_official[1], device="cpu")
     assert loaded.model.layers[0].attention.wq.weight.t().is_contiguous()  # laid out for decoding

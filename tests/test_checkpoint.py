@@ -1,5 +1,6 @@
 """Import of Meta, Hugging Face and official LLaMA-Adapter V2 weights; lav2 folders; merge; bad input."""
 
+import errno
 import gc
 import json
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 
 import lav2
 from conftest import lav2_to_official, make_image, random_llama, write_meta_folder
@@ -318,3 +320,75 @@ def test_load_in_bfloat16_keeps_every_tensor_in_that_dtype(tiny_official):
         reference, got = full.model(TOKENS, images), half.model(TOKENS, images)
     assert got.dtype == torch.float32
     assert (got - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+# --- write failures and leftovers ----------------------------------------------------------------------------
+
+# what safetensors raises on a full disk: its own error type, the errno only inside the text
+FULL_DISK = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+
+
+def invoke(*args):
+    from click.testing import CliRunner
+    from lav2.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_cli_one_line(result, *phrases):
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("error", [SafetensorError(FULL_DISK), OSError(errno.ENOSPC, "No space left on device")],
+                         ids=["SafetensorError", "OSError"])
+def test_a_full_disk_at_import_and_merge_is_one_line_and_leaves_nothing(tmp_path, tiny_base, tiny_official, monkeypatch,
+                                                                        error):
+    def full(state, path):
+        raise error
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    out = tmp_path / "imported"
+    assert_cli_one_line(invoke("download", tiny_base[0], "--out", out),
+                        f"could not write model.safetensors in {tmp_path}", "(No space left on device)", "free space")
+    assert_cli_one_line(invoke("merge", tiny_official[1], "--out", tmp_path / "merged"),
+                        "could not write model.safetensors", "(No space left on device)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no .partial folder
+
+
+def test_a_failing_tokenizer_copy_is_one_line_too(tmp_path, tiny_base, monkeypatch):
+    def full(src, dst, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(checkpoint.shutil, "copyfile", full)
+    assert_cli_one_line(invoke("download", tiny_base[0], "--out", tmp_path / "imported"),
+                        f"could not write tokenizer.model in {tmp_path}", "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_partial_folders_of_killed_writers_are_removed_and_live_ones_kept(tmp_path, tiny_official):
+    stale = tmp_path / f".merged.partial-{dead_pid()}-x1y2"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".merged.partial-{alive.pid}-a1b2"
+        live.mkdir()
+        result = invoke("merge", tiny_official[1], "--out", tmp_path / "merged")
+        assert result.exit_code == 0, result.output
+        notes = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(notes) == 1 and "removed 1 partial folder" in notes[0] and stale.name in notes[0], notes
+        assert not stale.exists() and live.is_dir() and (tmp_path / "merged" / "lav2.json").is_file()
+    finally:
+        alive.kill()
+        alive.wait()

@@ -392,3 +392,72 @@ def test_partial_folders_of_killed_writers_are_removed_and_live_ones_kept(tmp_pa
     finally:
         alive.kill()
         alive.wait()
+
+
+# --- malformed model folders: every command that reads one says the file and the field ----------------------
+
+
+def damaged_copy(folder: Path, dest: Path, how: str) -> Path:
+    """A copy of a model folder with one thing wrong in it."""
+    import shutil
+
+    shutil.copytree(folder, dest)
+    path = dest / "lav2.json"
+    info = json.loads(path.read_text())
+    if how == "list":
+        info = [info]
+    elif how == "adapter":
+        info["adapter"] = 7
+    elif how == "dim":
+        info["config"]["dim"] = str(info["config"]["dim"])
+    elif how == "no-config":
+        del info["config"]
+    elif how == "no-weights":
+        (dest / info["weights"]).unlink()
+    path.write_text(json.dumps(info))
+    return dest
+
+
+MALFORMED = {"list": ("lav2.json", "expected a JSON object, found a list"),
+             "adapter": ("lav2.json", "the field 'adapter' must be a string or null, not 7"),
+             "dim": ("lav2.json", "config key 'dim' must be int"),
+             "no-config": ("lav2.json", "the field 'config' is missing"),
+             "no-weights": ("lav2.json", "names the weights file 'model.safetensors', which is missing")}
+
+
+@pytest.mark.parametrize("how", MALFORMED)
+def test_malformed_folders_are_one_line_for_chat_and_merge(tmp_path, tiny_base, how):
+    folder = damaged_copy(tiny_base[1], tmp_path / "damaged", how)
+    for args in (["chat", "--model", folder, "--prompt", "Hi", "--device", "cpu"],
+                 ["merge", folder, "--out", tmp_path / "merged"]):
+        assert_cli_one_line(invoke(*args), str(folder), *MALFORMED[how])
+    assert not (tmp_path / "merged").exists() and no_partial_folders(tmp_path)
+
+
+def test_json_files_with_a_byte_order_mark_are_read(tmp_path, tiny_base, tokenizer_path):
+    meta = tmp_path / "meta"
+    import shutil
+
+    shutil.copytree(tiny_base[0], meta)
+    params = meta / "params.json"
+    params.write_bytes(b"\xef\xbb\xbf" + params.read_bytes())  # as Notepad saves it
+    folder = checkpoint.import_model(meta, tmp_path / "lav2")
+    info = folder / "lav2.json"
+    info.write_bytes(b"\xef\xbb\xbf" + info.read_bytes())
+    assert checkpoint.read_folder_info(folder)["format"] == "lav2"
+    info.write_text('{"format": "lav2",')
+    assert_cli_one_line(invoke("chat", "--model", folder, "--prompt", "Hi"), f"{info}: not valid JSON", "line 1")
+    info.write_bytes(b'{"format": "\xff"}')
+    assert_cli_one_line(invoke("merge", folder, "--out", tmp_path / "m"), f"{info}: not valid JSON", "UTF-8")
+
+
+# --- devices -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device, phrase", [("tpu:3", "device 'tpu:3' is not one torch knows"),
+                                            ("mps", "lav2 runs on cpu or cuda, not mps"),
+                                            ("cuda:7", "device cuda:7: no such CUDA GPU")])
+def test_unknown_or_absent_devices_are_one_line_in_chat(tiny_base, device, phrase):
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    assert_cli_one_line(invoke("chat", "--model", tiny_base[1], "--prompt", "Hi", "--device", device), phrase)

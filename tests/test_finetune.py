@@ -447,3 +447,27 @@ def test_two_runs_started_at_once_into_one_folder(tmp_path, visual_base):
     lines = [line for line in failed.splitlines() if line.strip()]
     assert len(lines) == 1 and ("in use by another run" in lines[0] or "already exists" in lines[0]), failed
     assert (tmp_path / "run" / "state" / "latest").read_text().strip() == "step-0000002"
+
+
+@pytest.mark.parametrize("how, phrase", [("list", "expected a JSON object, found a list"),
+                                         ("adapter", "the field 'adapter' must be a string or null, not 7"),
+                                         ("dim", "config key 'dim' must be int"),
+                                         ("no-config", "the field 'config' is missing"),
+                                         ("no-weights", "names the weights file 'model.safetensors', which is missing")])
+def test_a_malformed_base_folder_is_one_line_before_the_run_folder(tmp_path, visual_base, how, phrase):
+    from test_checkpoint import damaged_copy
+
+    base = damaged_copy(visual_base, tmp_path / "base", how)
+    one_line(CliRunner().invoke(main, ["finetune", str(write_recipe(tmp_path, base))]), "recipe.yaml",
+             f"{base}", "lav2.json", phrase)
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run.partial-*"))
+
+
+@pytest.mark.parametrize("device", ["tpu:3", "cuda:7", "gpu"])
+def test_a_bad_train_device_is_one_line(tmp_path, visual_base, device):
+    if device == "cuda:7" and torch.cuda.is_available():
+        pytest.skip("needs a machine without a CUDA GPU")
+    recipe = write_recipe(tmp_path, visual_base)
+    message = one_line(CliRunner().invoke(main, ["finetune", str(recipe), "--set", f"train.device={device}"]),
+                       "train.device")
+    assert "cpu" in message and not (tmp_path / "run").exists()

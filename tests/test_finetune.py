@@ -471,3 +471,16 @@ def test_a_bad_train_device_is_one_line(tmp_path, visual_base, device):
     message = one_line(CliRunner().invoke(main, ["finetune", str(recipe), "--set", f"train.device={device}"]),
                        "train.device")
     assert "cpu" in message and not (tmp_path / "run").exists()
+
+
+def test_a_corrupt_training_image_is_found_before_the_run_folder(tmp_path, visual_base):
+    from test_data import write_image_data
+
+    images = write_image_data(tmp_path / "data").parent
+    recipe = yaml.safe_load(write_recipe(tmp_path, visual_base).read_text())
+    recipe["data"] = {"instruction": [{"path": str(images / "alpaca.json"), "format": "alpaca"}],
+                      "caption": [{"path": str(images / "captions.jsonl"), "format": "captions"}]}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    one_line(CliRunner().invoke(main, ["finetune", str(tmp_path / "recipe.yaml")]),
+             "3 records have an unreadable image", "garbage.png", "train.skip_bad_records")
+    assert not (tmp_path / "run").exists()

@@ -24,6 +24,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -223,10 +224,18 @@ class Source:
 
 
 def read_json(path: Path) -> dict:
+    """A JSON file (config.json, params.json, lav2.json ...); a UTF-8 byte-order mark, as Windows editors write,
+    is dropped."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise Lav2Error(f"{path}: not valid JSON ({e})") from None
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as e:
+        raise Lav2Error(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); fix the file or "
+                        f"download it again") from None
+    except UnicodeDecodeError as e:
+        raise Lav2Error(f"{path}: not valid JSON (not UTF-8 text: {e.reason} at byte {e.start}); save it as "
+                        f"UTF-8") from None
+    except OSError as e:
+        raise Lav2Error(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 def find_source(src: Path) -> Source:
@@ -380,17 +389,76 @@ def load_clip(spec: dict, folder: Path, device) -> tuple[torch.nn.Module, Callab
 # --- model folders -----------------------------------------------------------------------------------------
 
 
+def write_reason(e: BaseException) -> str:
+    """The OS's words for a failed write: an OSError's, or the errno inside a SafetensorError (safetensors
+    raises that, not OSError, on a full disk)."""
+    if isinstance(e, OSError) and e.errno:
+        return os.strerror(e.errno)
+    code = re.search(r"code: (\d+)", str(e))
+    return os.strerror(int(code.group(1))) if code else (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+class WriteError(Lav2Error):
+    """A file could not be written; `reason` is the OS's words, for callers that say more about what is lost."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"could not write {path.name} in {path.parent} ({reason}); free space (or fix the "
+                         f"permissions) there and run again")
+        self.path, self.reason = path, reason
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_partials(folder: Path, pattern: str) -> None:
+    """Remove the `pattern` entries of `folder` (names ending in .partial-PID or .partial-PID-XXXX) whose process
+    is gone: what kill -9 left of an interrupted write. Says so in one line on stderr."""
+    removed = []
+    for path in sorted(folder.glob(pattern)) if folder.is_dir() else ():
+        pid = re.search(r"\.partial-(\d+)(-[^/]*)?$", path.name)
+        if pid and int(pid.group(1)) != os.getpid() and not process_alive(int(pid.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    if removed:
+        print(f"removed {len(removed)} partial folder(s) left in {folder} by killed runs: {', '.join(removed)}",
+              file=sys.stderr)
+
+
 @contextlib.contextmanager
 def atomic_folder(out: Path) -> Iterator[Path]:
-    """Write a folder as a whole: into a hidden sibling, renamed to `out` only when everything is written."""
+    """Write a folder as a whole: into a hidden sibling named with this process's id (so a later run can tell a
+    killed writer's leftovers from a live one's), renamed to `out` only when everything is written."""
     out = Path(out)
     if out.exists():
         raise Lav2Error(f"{out} already exists; choose another --out or remove it first")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise Lav2Error(f"cannot create the folder {out.parent} ({write_reason(e)}); choose another --out") from None
+    remove_stale_partials(out.parent, f".{out.name}.partial-*")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
+    except OSError as e:
+        raise WriteError(out, write_reason(e)) from None
     try:
         yield tmp
         tmp.rename(out)
+    except (OSError, WriteError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if out.exists():  # another process made it meanwhile
+            raise Lav2Error(f"{out} already exists (made by another process meanwhile); choose another --out or "
+                            f"remove it first") from None
+        if isinstance(e, WriteError):  # named where the user looks: `out`, not the removed partial folder
+            raise WriteError(out / e.path.name, e.reason) from None
+        name = Path(e.filename).name if isinstance(e.filename, str) and e.filename.startswith(str(tmp)) else ""
+        raise WriteError(out / name if name else out, write_reason(e)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -408,7 +476,12 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, path)
+    """The one way lav2 writes tensors: a failed write (a full disk) is a WriteError, with no partial file left."""
+    try:
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, path)
+    except (SafetensorError, OSError) as e:
+        Path(path).unlink(missing_ok=True)
+        raise WriteError(Path(path), write_reason(e)) from None
 
 
 def write_folder(out: Path, *, config: Config, layout: str, tokenizer: Path, base_weights=None, base: Optional[str] = None,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from PIL import Image, UnidentifiedImageError
 
 from lav2.errors import Lav2Error
 from lav2.images import Preprocess, load_image
@@ -206,6 +207,11 @@ def _coco(record: dict, root: Path) -> Record:
 _PARSERS = {"alpaca": _alpaca, "llava": _llava, "captions": _caption, "coco": _coco}
 
 
+def _where(source: Source) -> str:
+    """What messages call one item of the file: a COCO annotation, a JSONL line, a JSON record."""
+    return {"coco": "annotation"}.get(source.format, "line" if source.path.suffix == ".jsonl" else "record")
+
+
 def load_source(source: Source, *, skip_bad: bool = False) -> tuple[list[Record], LoadReport]:
     """Parse and check every record of one data file; bad ones raise, or are counted and skipped."""
     if not source.path.is_file():
@@ -216,7 +222,7 @@ def load_source(source: Source, *, skip_bad: bool = False) -> tuple[list[Record]
     else:
         items = _read_records(source.path)
     parse = _PARSERS[source.format]
-    where = {"coco": "annotation"}.get(source.format, "line" if source.path.suffix == ".jsonl" else "record")
+    where = _where(source)
     exists: dict[Path, bool] = {}  # COCO names each image five times: stat it once
     records, report = [], LoadReport(source.path)
     for index, item in items:
@@ -443,15 +449,73 @@ class PreparedData:
         return lines
 
 
+PROGRESS_OVER = 1000  # images: more than this many get a progress bar while they are checked
+SHOWN_PROBLEMS = 3  # bad records named in the one-line error; the rest are counted
+
+
+def image_problem(path: Path) -> str | None:
+    """Why `path` is not a readable image, or None: it opens and Pillow's verify() passes over its structure
+    (cheap: no pixels decoded). collate still decodes each image, since files can change during a run."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except UnidentifiedImageError:
+        return "not an image Pillow can read"
+    except Image.DecompressionBombError:
+        return "too large to decode safely"
+    except Exception as e:  # verify() raises OSError, SyntaxError, struct.error ... on a damaged file
+        return f"corrupt or truncated: {str(e).strip() or type(e).__name__}"
+    return None
+
+
+def check_images(images: list[Path]) -> dict[Path, str]:
+    """The problem of each unreadable image among `images`, with a transient progress bar on stderr for many."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    bad = {}
+    with Progress(console=Console(stderr=True), transient=True, disable=len(images) <= PROGRESS_OVER) as bar:
+        for path in bar.track(images, description="checking images"):
+            problem = image_problem(path)
+            if problem is not None:
+                bad[path] = problem
+    return bad
+
+
+def drop_bad_images(loaded: list[tuple[Source, list[Record], LoadReport]], skip: bool) -> None:
+    """Check every distinct image of the loaded records once, before any run folder exists; all records with a
+    bad image in one line, or (skip) drop them from their file's records and count them in its report."""
+    images = list(dict.fromkeys(r.image for _, records, _ in loaded for r in records if r.image is not None))
+    bad = check_images(images)
+    if not bad:
+        return
+    problems = []
+    for source, records, report in loaded:
+        for record in records:
+            if record.image in bad:
+                problem = f"{_where(source)} {record.index}: image {short_path(record.image)} ({bad[record.image]})"
+                problems.append(f"{short_path(source.path)} {problem}")
+                report.skipped += 1
+                report.first_problem = report.first_problem or problem
+        records[:] = [r for r in records if r.image not in bad]
+        report.kept = len(records)
+    if not skip:
+        more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+        raise Lav2Error(f"{len(problems)} records have an unreadable image: {'; '.join(problems[:SHOWN_PROBLEMS])}"
+                        f"{more}; replace the images, or set train.skip_bad_records: true to skip those records")
+
+
 def prepare(recipe: Recipe, tokenizer, preprocess: Preprocess | None) -> PreparedData:
-    """Check the recipe's data files, load and check every record, and build the per-kind mixtures."""
+    """Check the recipe's data files, load and check every record and image, and build the per-kind mixtures."""
     check_data_files(recipe)
     skip = recipe.train.skip_bad_records
+    kinds = (("instruction", recipe.data.instruction), ("caption", recipe.data.caption))
+    loaded = {kind: [(source, *load_source(source, skip_bad=skip)) for source in sources] for kind, sources in kinds}
+    drop_bad_images([item for items in loaded.values() for item in items], skip)
     reports, mixtures, dropped = [], {}, 0
-    for kind, sources in (("instruction", recipe.data.instruction), ("caption", recipe.data.caption)):
+    for kind, sources in kinds:
         datasets = []
-        for source in sources:
-            records, report = load_source(source, skip_bad=skip)
+        for source, records, report in loaded[kind]:
             dataset = SourceDataset(records, tokenizer, recipe.prompt_style, recipe.train.max_seq_len, source.path)
             if not len(dataset):
                 raise Lav2Error(f"{short_path(source.path)}: no usable records (read {len(records) + report.skipped}, "

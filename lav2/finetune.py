@@ -24,6 +24,7 @@ trainable tensors only; the frozen base is never synchronised.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -244,6 +245,7 @@ class Trainer:
     step: int = 0
     total: int = 0
     positions: dict[str, int] = field(default_factory=lambda: {"instruction": 0, "caption": 0})
+    lock: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)  # run_lock, by start
 
     def __post_init__(self):
         t = self.recipe.train
@@ -368,9 +370,9 @@ class Trainer:
             partial.rename(final)
             checkpoint.write_text_atomic(self.state_dir / LATEST, name + "\n")
             publish(final, self.out)
-        except OSError as e:
+        except (OSError, checkpoint.WriteError) as e:
             shutil.rmtree(partial, ignore_errors=True)
-            reason = os.strerror(e.errno) if e.errno else str(e)
+            reason = e.reason if isinstance(e, checkpoint.WriteError) else checkpoint.write_reason(e)
             raise Lav2Error(f"could not write the step {self.step} checkpoint in {self.state_dir} ({reason}); the last "
                             f"good checkpoint ({self.last_saved_step()}) is intact: free space, then run again with "
                             f"--resume") from None
@@ -540,6 +542,36 @@ def check_run_folder(out: Path, *, resume: bool) -> None:
         raise Lav2Error(f"{out} already exists; continue that run with --resume, or choose another --out")
 
 
+@contextlib.contextmanager
+def run_lock(out: Path, dist: Dist) -> Iterator[None]:
+    """Hold an exclusive lock on `.OUT.lock` beside the output folder for the run's life (main process only), so
+    that a second run into the same folder stops with one line instead of racing the first. The empty lock file
+    stays: removing it would let a third run lock a fresh file while the second still holds the old one."""
+    if not dist.main:
+        yield
+        return
+    lock = out.parent / f".{out.name}.lock"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a+")
+    except OSError as e:
+        raise Lav2Error(f"cannot create the lock file {lock} ({checkpoint.write_reason(e)}); choose another --out "
+                        f"or fix the permissions") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            raise Lav2Error(f"{out} is in use by another run (pid {owner}); wait for it to finish or choose another "
+                            f"--out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield  # closing the file releases the lock
+
+
 def create_run_folder(recipe: Recipe, out: Path, *, overrides: list[str], dist: Dist) -> None:
     """Create `out` atomically, with the run's own file."""
     dist.barrier()  # every process has checked `out` before the main one creates it
@@ -554,14 +586,16 @@ def run(recipe_path, *, overrides: list[str] = (), out: Optional[Path] = None, r
     """Fine-tune as the recipe says; writes (or with resume continues) the model folder `out` (default: the
     recipe's output). Returns the folder."""
     trainer = start(recipe_path, overrides=overrides, out=out, resume=resume)
-    train(trainer)
+    with trainer.lock:
+        train(trainer)
     if trainer.dist.world > 1:
         torch.distributed.destroy_process_group()
     return trainer.out
 
 
 def start(recipe_path, *, overrides: list[str] = (), out: Optional[Path] = None, resume: bool = False) -> Trainer:
-    """Everything before the first step: the recipe, the run folder, the model, the data, the checkpoint."""
+    """Everything before the first step: the recipe, the output folder's lock, the run folder, the model, the
+    data, the checkpoint. The lock stays held until trainer.lock is closed, or released at once on an error."""
     overrides = list(overrides)
     recipe = load_recipe(recipe_path, overrides)
     out = Path(out).resolve() if out else Path(recipe.output)
@@ -570,27 +604,32 @@ def start(recipe_path, *, overrides: list[str] = (), out: Optional[Path] = None,
     if device == "cuda":
         device = f"cuda:{dist.local_rank}"
         torch.cuda.set_device(device)
-    check_run_folder(out, resume=resume)
-    check_inputs_exist(recipe)
-    # Bad input fails here, before a new run folder exists.
-    loaded = build_model(recipe, device)
-    data = prepare(recipe, loaded.tokenizer, loaded.preprocess)
-    if not resume:
-        create_run_folder(recipe, out, overrides=overrides, dist=dist)
-    trainer = Trainer(recipe, out, loaded, data, device, dist)
-    if dist.world > 1:  # the same start everywhere, whatever each process's init did
-        for _, p in trainable_params(loaded.model):
-            torch.distributed.broadcast(p.data, 0)
-    if dist.main:
-        for line in data.messages():
-            print(line, file=sys.stderr)
-    if resume and (out / STATE_DIR / LATEST).is_file():
-        trainer.load()
+    with contextlib.ExitStack() as stack:  # on an error before the end, the lock goes at once
+        stack.enter_context(run_lock(out, dist))
+        check_run_folder(out, resume=resume)
+        if resume and dist.main:
+            checkpoint.remove_stale_partials(out / STATE_DIR, ".step-*.partial-*")
+        check_inputs_exist(recipe)
+        # Bad input fails here, before a new run folder exists.
+        loaded = build_model(recipe, device)
+        data = prepare(recipe, loaded.tokenizer, loaded.preprocess)
+        if not resume:
+            create_run_folder(recipe, out, overrides=overrides, dist=dist)
+        trainer = Trainer(recipe, out, loaded, data, device, dist)
+        if dist.world > 1:  # the same start everywhere, whatever each process's init did
+            for _, p in trainable_params(loaded.model):
+                torch.distributed.broadcast(p.data, 0)
         if dist.main:
-            truncate_metrics(out, trainer.step)
-    elif dist.main:
-        (out / METRICS_FILE).unlink(missing_ok=True)
-        trainer.save()  # step 0: there is always a last good checkpoint
+            for line in data.messages():
+                print(line, file=sys.stderr)
+        if resume and (out / STATE_DIR / LATEST).is_file():
+            trainer.load()
+            if dist.main:
+                truncate_metrics(out, trainer.step)
+        elif dist.main:
+            (out / METRICS_FILE).unlink(missing_ok=True)
+            trainer.save()  # step 0: there is always a last good checkpoint
+        trainer.lock = stack.pop_all()  # success: the lock now lives with the trainer
     return trainer
 
 

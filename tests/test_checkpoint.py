@@ -1,5 +1,6 @@
 """Import of Meta, Hugging Face and official LLaMA-Adapter V2 weights; lav2 folders; merge; bad input."""
 
+import errno
 import gc
 import json
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 
 import lav2
 from conftest import lav2_to_official, make_image, random_llama, write_meta_folder
@@ -319,3 +321,144 @@ def test_load_in_bfloat16_keeps_every_tensor_in_that_dtype(tiny_official):
         reference, got = full.model(TOKENS, images), half.model(TOKENS, images)
     assert got.dtype == torch.float32
     assert (got - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+# --- write failures and leftovers ----------------------------------------------------------------------------
+
+# what safetensors raises on a full disk: its own error type, the errno only inside the text
+FULL_DISK = 'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+
+
+def invoke(*args):
+    from click.testing import CliRunner
+    from lav2.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def assert_cli_one_line(result, *phrases):
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("error", [SafetensorError(FULL_DISK), OSError(errno.ENOSPC, "No space left on device")],
+                         ids=["SafetensorError", "OSError"])
+def test_a_full_disk_at_import_and_merge_is_one_line_and_leaves_nothing(tmp_path, tiny_base, tiny_official, monkeypatch,
+                                                                        error):
+    def full(state, path):
+        raise error
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    out = tmp_path / "imported"
+    assert_cli_one_line(invoke("download", tiny_base[0], "--out", out),
+                        f"could not write model.safetensors in {tmp_path}", "(No space left on device)", "free space")
+    assert_cli_one_line(invoke("merge", tiny_official[1], "--out", tmp_path / "merged"),
+                        "could not write model.safetensors", "(No space left on device)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no .partial folder
+
+
+def test_a_failing_tokenizer_copy_is_one_line_too(tmp_path, tiny_base, monkeypatch):
+    def full(src, dst, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+
+    monkeypatch.setattr(checkpoint.shutil, "copyfile", full)
+    assert_cli_one_line(invoke("download", tiny_base[0], "--out", tmp_path / "imported"),
+                        f"could not write tokenizer.model in {tmp_path}", "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_partial_folders_of_killed_writers_are_removed_and_live_ones_kept(tmp_path, tiny_official):
+    stale = tmp_path / f".merged.partial-{dead_pid()}-x1y2"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".merged.partial-{alive.pid}-a1b2"
+        live.mkdir()
+        result = invoke("merge", tiny_official[1], "--out", tmp_path / "merged")
+        assert result.exit_code == 0, result.output
+        notes = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(notes) == 1 and "removed 1 partial folder" in notes[0] and stale.name in notes[0], notes
+        assert not stale.exists() and live.is_dir() and (tmp_path / "merged" / "lav2.json").is_file()
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+# --- malformed model folders: every command that reads one says the file and the field ----------------------
+
+
+def damaged_copy(folder: Path, dest: Path, how: str) -> Path:
+    """A copy of a model folder with one thing wrong in it."""
+    import shutil
+
+    shutil.copytree(folder, dest)
+    path = dest / "lav2.json"
+    info = json.loads(path.read_text())
+    if how == "list":
+        info = [info]
+    elif how == "adapter":
+        info["adapter"] = 7
+    elif how == "dim":
+        info["config"]["dim"] = str(info["config"]["dim"])
+    elif how == "no-config":
+        del info["config"]
+    elif how == "no-weights":
+        (dest / info["weights"]).unlink()
+    path.write_text(json.dumps(info))
+    return dest
+
+
+MALFORMED = {"list": ("lav2.json", "expected a JSON object, found a list"),
+             "adapter": ("lav2.json", "the field 'adapter' must be a string or null, not 7"),
+             "dim": ("lav2.json", "config key 'dim' must be int"),
+             "no-config": ("lav2.json", "the field 'config' is missing"),
+             "no-weights": ("lav2.json", "names the weights file 'model.safetensors', which is missing")}
+
+
+@pytest.mark.parametrize("how", MALFORMED)
+def test_malformed_folders_are_one_line_for_chat_and_merge(tmp_path, tiny_base, how):
+    folder = damaged_copy(tiny_base[1], tmp_path / "damaged", how)
+    for args in (["chat", "--model", folder, "--prompt", "Hi", "--device", "cpu"],
+                 ["merge", folder, "--out", tmp_path / "merged"]):
+        assert_cli_one_line(invoke(*args), str(folder), *MALFORMED[how])
+    assert not (tmp_path / "merged").exists() and no_partial_folders(tmp_path)
+
+
+def test_json_files_with_a_byte_order_mark_are_read(tmp_path, tiny_base, tokenizer_path):
+    meta = tmp_path / "meta"
+    import shutil
+
+    shutil.copytree(tiny_base[0], meta)
+    params = meta / "params.json"
+    params.write_bytes(b"\xef\xbb\xbf" + params.read_bytes())  # as Notepad saves it
+    folder = checkpoint.import_model(meta, tmp_path / "lav2")
+    info = folder / "lav2.json"
+    info.write_bytes(b"\xef\xbb\xbf" + info.read_bytes())
+    assert checkpoint.read_folder_info(folder)["format"] == "lav2"
+    info.write_text('{"format": "lav2",')
+    assert_cli_one_line(invoke("chat", "--model", folder, "--prompt", "Hi"), f"{info}: not valid JSON", "line 1")
+    info.write_bytes(b'{"format": "\xff"}')
+    assert_cli_one_line(invoke("merge", folder, "--out", tmp_path / "m"), f"{info}: not valid JSON", "UTF-8")
+
+
+# --- devices -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device, phrase", [("tpu:3", "device 'tpu:3' is not one torch knows"),
+                                            ("mps", "lav2 runs on cpu or cuda, not mps"),
+                                            ("cuda:7", "device cuda:7: no such CUDA GPU")])
+def test_unknown_or_absent_devices_are_one_line_in_chat(tiny_base, device, phrase):
+    if device == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    assert_cli_one_line(invoke("chat", "--model", tiny_base[1], "--prompt", "Hi", "--device", device), phrase)

@@ -219,3 +219,59 @@ def test_52k_alpaca_records_load_and_check(tmp_path, data_tokenizer):
     assert len(data) == 52_000 and data.dropped == 0
     spans = supervised_spans(data[12_345].tokens, data[12_345].labels)
     assert data_tokenizer.decode(spans[0][:-1]).strip() == "Answer number 12345."
+
+
+def write_image_data(folder: Path) -> Path:
+    """A recipe over two files whose records name three good images and, in three records, two bad ones."""
+    import yaml
+    from conftest import make_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    make_image(folder / "good.png")
+    png = (folder / "good.png").read_bytes()
+    (folder / "truncated.png").write_bytes(png[: len(png) // 2])
+    (folder / "garbage.png").write_bytes(b"not an image at all")
+    captions = [{"image": "good.png", "caption": "A red circle."}, {"image": "truncated.png", "caption": "A circle."},
+                {"image": "garbage.png", "caption": "A circle."}]
+    (folder / "captions.jsonl").write_text("".join(json.dumps(c) + "\n" for c in captions))
+    alpaca = [{"instruction": "What is it?", "output": "A circle.", "image": name}
+              for name in ("good.png", "good.png", "garbage.png")]
+    (folder / "alpaca.json").write_text(json.dumps(alpaca))
+    recipe = {"base": "tiny", "layout": "tiny",
+              "data": {"instruction": [{"path": "alpaca.json", "format": "alpaca"}],
+                       "caption": [{"path": "captions.jsonl", "format": "captions"}]}}
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return folder / "recipe.yaml"
+
+
+def test_prepare_reports_every_bad_image_at_once_or_skips_them(tmp_path, data_tokenizer, preprocess):
+    recipe = write_image_data(tmp_path)
+    with pytest.raises(Lav2Error) as error:
+        prepare(load_recipe(recipe), data_tokenizer, preprocess)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("3 records have an unreadable image: ")
+    assert "alpaca.json record 2: image" in message and "garbage.png (not an image Pillow can read)" in message
+    assert "captions.jsonl line 2: image" in message and "truncated.png (corrupt or truncated" in message
+    assert "train.skip_bad_records" in message
+    data = prepare(load_recipe(recipe, ["train.skip_bad_records=true"]), data_tokenizer, preprocess)
+    assert len(data.instruction) == 2 and len(data.caption) == 1
+    lines = data.messages()
+    assert len(lines) == 2 and lines[0].startswith("skipped 1 bad records in") and "record 2: image" in lines[0]
+    assert lines[1].startswith("skipped 2 bad records in") and "line 2: image" in lines[1]
+
+
+def test_many_images_are_each_checked_once(tmp_path, monkeypatch, data_tokenizer, preprocess):
+    from lav2 import data as data_module
+
+    recipe = write_image_data(tmp_path)
+    names = [f"img{i}.png" for i in range(data_module.PROGRESS_OVER + 1)]
+    for name in names:
+        (tmp_path / name).write_bytes((tmp_path / "good.png").read_bytes())
+    (tmp_path / "captions.jsonl").write_text("".join(json.dumps({"image": n, "caption": "A circle."}) + "\n"
+                                                     for n in names * 2))
+    (tmp_path / "alpaca.json").write_text(json.dumps([{"instruction": "Hi?", "output": "Hello."}]))
+    checked = []
+    real = data_module.image_problem
+    monkeypatch.setattr(data_module, "image_problem", lambda path: checked.append(path) or real(path))
+    data = prepare(load_recipe(recipe), data_tokenizer, preprocess)
+    assert len(data.caption) == 2 * len(names) and sorted(checked) == sorted(tmp_path / n for n in names)

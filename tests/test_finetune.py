@@ -373,3 +373,114 @@ def test_adamw8bit_trains_and_resumes(tmp_path, visual_base):
     finetune.run(recipe, resume=True, overrides=["train.steps=3"])
     assert (out / "state" / "latest").read_text().strip() == "step-0000003"
     assert len([m for m in finetune.read_metrics(out) if "loss" in m]) == 3
+
+
+# --- write failures, leftovers of killed runs, two runs at once ----------------------------------------------
+
+
+def one_line(result, *phrases) -> str:
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+    return lines[0]
+
+
+def test_a_safetensors_full_disk_at_a_checkpoint_is_one_line(tmp_path, visual_base, monkeypatch):
+    from safetensors import SafetensorError
+
+    recipe = write_recipe(tmp_path, visual_base, steps=4, checkpoint_every=2)
+    real, calls = checkpoint.save_file, []
+
+    def full_disk(state, path):
+        calls.append(path)
+        if len(calls) > 2:  # step 0 is written; the step 2 checkpoint is not
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                  'message: "No space left on device" })')
+        real(state, path)
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    one_line(CliRunner().invoke(main, ["finetune", str(recipe)]), "step 2 checkpoint", "(No space left on device)",
+             "step-0000000", "--resume")
+    state = tmp_path / "run" / "state"
+    assert sorted(p.name for p in state.iterdir()) == ["latest", "step-0000000"]  # no .partial left
+
+
+def test_resume_removes_the_partial_checkpoint_of_a_killed_run(tmp_path, visual_base):
+    recipe = write_recipe(tmp_path, visual_base, steps=2)
+    out = finetune.run(recipe)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    stale = out / "state" / f".step-0000003.partial-{child.pid}"
+    stale.mkdir()
+    (stale / "adapter.safetensors").write_bytes(b"half")
+    result = CliRunner().invoke(main, ["finetune", str(recipe), "--resume", "--set", "train.steps=3"])
+    assert result.exit_code == 0, result.output
+    assert "removed 1 partial folder" in result.stderr and stale.name in result.stderr
+    assert sorted(p.name for p in (out / "state").iterdir()) == ["latest", "step-0000003"]
+
+
+def test_a_second_run_into_a_folder_in_use_is_one_line(tmp_path, visual_base):
+    import fcntl
+
+    recipe = write_recipe(tmp_path, visual_base, steps=2)
+    out = tmp_path / "run"
+    with open(tmp_path / ".run.lock", "w") as held:  # what the first run holds for its life
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242\n")
+        held.flush()
+        for args in (["finetune", str(recipe)], ["finetune", str(recipe), "--resume"]):
+            one_line(CliRunner().invoke(main, args), f"{out} is in use by another run (pid 4242)")
+        assert not out.exists()
+    assert finetune.run(recipe) == out  # released: the folder is free again
+
+
+def test_two_runs_started_at_once_into_one_folder(tmp_path, visual_base):
+    recipe = write_recipe(tmp_path, visual_base, steps=2)
+    runs = [subprocess.Popen([sys.executable, "-m", "lav2.cli", "finetune", str(recipe)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [run.communicate(timeout=300)[1] for run in runs]
+    codes = sorted(run.returncode for run in runs)
+    assert codes == [0, 1], errors
+    failed = errors[[run.returncode for run in runs].index(1)]
+    lines = [line for line in failed.splitlines() if line.strip()]
+    assert len(lines) == 1 and ("in use by another run" in lines[0] or "already exists" in lines[0]), failed
+    assert (tmp_path / "run" / "state" / "latest").read_text().strip() == "step-0000002"
+
+
+@pytest.mark.parametrize("how, phrase", [("list", "expected a JSON object, found a list"),
+                                         ("adapter", "the field 'adapter' must be a string or null, not 7"),
+                                         ("dim", "config key 'dim' must be int"),
+                                         ("no-config", "the field 'config' is missing"),
+                                         ("no-weights", "names the weights file 'model.safetensors', which is missing")])
+def test_a_malformed_base_folder_is_one_line_before_the_run_folder(tmp_path, visual_base, how, phrase):
+    from test_checkpoint import damaged_copy
+
+    base = damaged_copy(visual_base, tmp_path / "base", how)
+    one_line(CliRunner().invoke(main, ["finetune", str(write_recipe(tmp_path, base))]), "recipe.yaml",
+             f"{base}", "lav2.json", phrase)
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob(".run.partial-*"))
+
+
+@pytest.mark.parametrize("device", ["tpu:3", "cuda:7", "gpu"])
+def test_a_bad_train_device_is_one_line(tmp_path, visual_base, device):
+    if device == "cuda:7" and torch.cuda.is_available():
+        pytest.skip("needs a machine without a CUDA GPU")
+    recipe = write_recipe(tmp_path, visual_base)
+    message = one_line(CliRunner().invoke(main, ["finetune", str(recipe), "--set", f"train.device={device}"]),
+                       "train.device")
+    assert "cpu" in message and not (tmp_path / "run").exists()
+
+
+def test_a_corrupt_training_image_is_found_before_the_run_folder(tmp_path, visual_base):
+    from test_data import write_image_data
+
+    images = write_image_data(tmp_path / "data").parent
+    recipe = yaml.safe_load(write_recipe(tmp_path, visual_base).read_text())
+    recipe["data"] = {"instruction": [{"path": str(images / "alpaca.json"), "format": "alpaca"}],
+                      "caption": [{"path": str(images / "captions.jsonl"), "format": "captions"}]}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    one_line(CliRunner().invoke(main, ["finetune", str(tmp_path / "recipe.yaml")]),
+             "3 records have an unreadable image", "garbage.png", "train.skip_bad_records")
+    assert not (tmp_path / "run").exists()

@@ -20,11 +20,13 @@ setup(
         "Pillow",
         "PyYAML",
         "matplotlib",
+        "fastapi>=0.110",  # lav2 serve (a core command, so no extra: the two are small and pure Python)
+        "uvicorn>=0.29",
     ],
     extras_require={
         "8bit": ["bitsandbytes>=0.43"],
         "ocr": ["pytesseract"],
-        "test": ["pytest", "transformers>=4.40", "bitsandbytes>=0.43", "pytesseract"],
+        "test": ["pytest", "transformers>=4.40", "bitsandbytes>=0.43", "pytesseract", "openai>=1.40"],
     },
     entry_points={"console_scripts": ["lav2 = lav2.cli:main"]},
 )

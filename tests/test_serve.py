@@ -20,9 +20,11 @@ import zlib
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import openai
 import pytest
 import torch
 from click.testing import CliRunner
+from PIL import Image, ImageDraw
 
 from conftest import random_llama, write_meta_folder
 from lav2 import checkpoint, serve
@@ -31,9 +33,6 @@ from lav2.generate import Sampling, answer_batch, encode_dialog
 from lav2.model import Config
 from lav2.prompts import Turn
 from test_generate import make_lively_folder
-
-openai = pytest.importorskip("openai")
-from PIL import Image, ImageDraw  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GREEDY = dict(temperature=0, max_tokens=12)

@@ -34,6 +34,7 @@ import copy
 import json
 import platform
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,11 +44,13 @@ import click
 import torch
 import torch.nn as nn
 
+from lav2 import checkpoint
 from lav2.checkpoint import DTYPES
+from lav2.fastpath import decode_layout, decode_layout_, quantize_int8_
 from lav2.finetune import LiveBytes, loss_sum
-from lav2.generate import compiled_decode_one_token, decode_one_token, prefill, sample
-from lav2.model import (Config, LLaMAAdapter, build_clip_visual, decode_layout, decode_layout_, fold_adapters_,
-                        mark_trainable, param_groups)
+from lav2.generate import compiled_step, decode_one_token, prefill, sample
+from lav2.model import Config, LLaMAAdapter, build_clip_visual, fold_adapters_, mark_trainable, param_groups
+from lav2.tokenizer import train_tokenizer
 
 PAPER = Config.from_name("paper-7b")
 CONFIGS = {
@@ -56,6 +59,7 @@ CONFIGS = {
     "mid": Config(dim=2048, n_layers=16, n_heads=16, max_seq_len=1024).with_layout(PAPER),
     "7b": PAPER,
 }
+LAYOUTS = {"tiny": "tiny-paper", "small": "paper-7b", "mid": "paper-7b", "7b": "paper-7b"}  # what CONFIGS hold
 # open_clip.CLIP kwargs: a tiny ViT for the tiny config (as the tests build), ViT-L/14 for the others
 TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8,
                                              "head_width": 16},
@@ -100,29 +104,48 @@ def clip_config(config: Config) -> dict:
     return TINY_CLIP if config.clip_dim == TINY_CLIP["embed_dim"] else VIT_L_14
 
 
-def build_model(config: Config, *, device: torch.device, dtype: torch.dtype, image: bool = False) -> LLaMAAdapter:
-    """A random model in eval mode, with a random CLIP tower when `image`."""
+def random_folder(config: Config, folder: Path, clip_kwargs: Optional[dict] = None) -> Path:
+    """A model folder with random weights of the right scale (randomize_), with a random CLIP tower of
+    `clip_kwargs` (open_clip.CLIP's): benchmarks load it as every command loads a folder (checkpoint.load)."""
     torch.manual_seed(0)
     with torch.device("meta"):
         model = LLaMAAdapter(config)
-        clip = build_clip_visual(clip_config(config)) if image else None
-    model = model.to_empty(device=device)
+        clip = build_clip_visual(clip_kwargs) if clip_kwargs else None
+    model = model.to_empty(device="cpu")
     randomize_(model)
+    base_names = checkpoint.base_state_names(model)
+    state = model.state_dict()
+    folder.mkdir(parents=True)
+    tokenizer = train_tokenizer(["a random model for benchmarks"] * 20, folder / ".tokenizer.model", vocab_size=300)
+    clip_spec = clip_weights = None
     if clip is not None:
-        model.visual.clip = clip.to_empty(device=device).requires_grad_(False)
-        randomize_(model.visual.clip)
-    model = model.to(dtype).eval()
-    model.init_rope(device)  # after the cast, as checkpoint.load does: the angles stay float32
-    return model
+        clip = clip.to_empty(device="cpu")
+        randomize_(clip)
+        clip_spec, clip_weights = {"config": clip_kwargs, "weights": checkpoint.CLIP_FILE}, clip.state_dict()
+    checkpoint.write_folder(folder, config=config, layout="bench", tokenizer=tokenizer.path,
+                            base_weights={k: v for k, v in state.items() if k in base_names},
+                            adapter={k: v for k, v in state.items() if k not in base_names},
+                            clip_spec=clip_spec, clip_weights=clip_weights, source={"bench": "random weights"})
+    tokenizer.path.unlink()
+    return folder
+
+
+def build_model(config: Config, *, device: torch.device, dtype: torch.dtype, layout: Optional[str] = None,
+                quantize: Optional[str] = None) -> LLaMAAdapter:
+    """A random model loaded by checkpoint.load (inference, or with `layout` for training), from a folder
+    written into a temporary directory that is gone once the model is loaded."""
+    with tempfile.TemporaryDirectory(prefix="lav2-bench-") as tmp:
+        folder = random_folder(config.base() if layout else config, Path(tmp) / "model",
+                               clip_config(config) if config.visual_len else None)
+        return checkpoint.load(folder, device, dtype, layout=layout, quantize=quantize).model
 
 
 def plain_llama(model: LLaMAAdapter) -> LLaMAAdapter:
-    """The same LLaMA with no adapter: the model's base weights, laid out for decoding as the model is (stacking
-    copies them)."""
+    """The same LLaMA with no adapter: the model's base weights, laid out for decoding as the model is."""
     with torch.device("meta"):
         base = LLaMAAdapter(model.config.base())
     state = model.state_dict()
-    base.load_state_dict({k: state[k] for k in base.state_dict()}, assign=True)
+    base.load_state_dict({k: state[k].clone() for k in base.state_dict()}, assign=True)
     base.init_rope(model.tok_embeddings.weight.device)
     decode_layout_(base)
     return base.eval()
@@ -154,7 +177,7 @@ class Decoder:
         self.start = len(prompt)
         sync(self.device)
         start = time.perf_counter()
-        logits = prefill(model, prompt[None], 0, images)
+        logits = prefill(model, prompt[None], 0, images)[0]
         self.token = sample(logits, temperature=0)
         self.tokens = [int(self.token)]  # the host sync that generate() makes for every token
         self.first_token_s = time.perf_counter() - start
@@ -165,7 +188,7 @@ class Decoder:
         i = len(self.token_s)
         fed = self.token if self.forced is None else torch.tensor([self.forced[i]], device=self.device)
         start = time.perf_counter()
-        logits = self.step(self.model, fed.view(1, 1), self.start + i)
+        logits = self.step(self.model, fed.view(1, 1), self.start + i)[0]
         self.token = sample(logits, temperature=0)
         self.tokens.append(int(self.token))
         self.token_s.append(time.perf_counter() - start)
@@ -252,35 +275,33 @@ def bench_decode(*, config_name: str, dtype: str, image: bool, compile: bool, pr
     config = replace(CONFIGS[config_name], max_seq_len=max(CONFIGS[config_name].max_seq_len,
                                                            prompt_tokens + new_tokens))
     int8 = dtype == "int8"
-    model = build_model(config, device=dev, dtype=torch.float32 if int8 else DTYPES[dtype], image=image)
-    decode_layout_(model)  # as checkpoint.load stores a model for inference
+    model = build_model(config, device=dev, dtype=torch.float32 if int8 else DTYPES[dtype])
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(3, config.vocab_size, (prompt_tokens,), generator=generator).to(dev)
     images = None
     if image:
         size = clip_config(config)["vision_cfg"]["image_size"]
         images = torch.randn(1, 3, size, size, generator=generator).to(dev, model.tok_embeddings.weight.dtype)
-    step = compiled_decode_one_token() if compile else decode_one_token
 
     variants = {"adapter": model}
     if int8:
-        from lav2.quantize import quantize_int8_
-
         variants = {"float32": model, "adapter": quantize_int8_(copy.deepcopy(model))}
     elif compare:
         variants["base"] = plain_llama(model)
         variants["merged"] = copy.deepcopy(model)
         fold_adapters_(variants["merged"])
         decode_layout_(variants["merged"])
+    steps = {name: compiled_step(m) if compile else decode_one_token for name, m in variants.items()}
     decoders: dict[str, list[Decoder]] = {name: [] for name in variants}
     probe = BandwidthProbe(dev, mib=bandwidth_mib)
     for name, m in variants.items():  # warm-up (and compilation), with the timed runs' cache length, as a chat
-        decode_in_turn([Decoder(m, prompt, new_tokens=new_tokens, images=images, step=step)], min(4, new_tokens))
+        decode_in_turn([Decoder(m, prompt, new_tokens=new_tokens, images=images, step=steps[name])],
+                       min(4, new_tokens))
     for _ in range(rounds):
         turn: dict[str, Decoder] = {}
         for name, m in variants.items():  # int8 is fed float32's tokens as they come (float32 steps first)
             forced = turn["float32"].tokens if int8 and name == "adapter" else None
-            turn[name] = Decoder(m, prompt, new_tokens=new_tokens, images=images, step=step, keep_logits=int8,
+            turn[name] = Decoder(m, prompt, new_tokens=new_tokens, images=images, step=steps[name], keep_logits=int8,
                                  forced=forced)
         decode_in_turn(list(turn.values()), new_tokens, probe)
         for name, decoder in turn.items():
@@ -354,13 +375,11 @@ def train_step(model: LLaMAAdapter, optimizer: torch.optim.Optimizer, tokens: to
     return StepTimes(t1 - t0, t2 - t1, time.perf_counter() - t2)
 
 
-def train_model(config: Config, *, device: torch.device, load_in_8bit: bool, checkpointing: bool):
-    """The paper layout with the language group trainable (an instruction step) and its AdamW."""
-    model = build_model(config, device=device, dtype=torch.float32).train()
-    if load_in_8bit:
-        from lav2.quantize import quantize_8bit_
-
-        quantize_8bit_(model)
+def train_model(config_name: str, *, device: torch.device, load_in_8bit: bool, checkpointing: bool):
+    """The paper layout loaded for fine-tuning as finetune loads it, the language group trainable (an
+    instruction step), and its AdamW."""
+    model = build_model(CONFIGS[config_name], device=device, dtype=torch.float32, layout=LAYOUTS[config_name],
+                        quantize="8bit" if load_in_8bit else None).train()
     mark_trainable(model, ("language",))
     model.gradient_checkpointing = checkpointing
     optimizer = torch.optim.AdamW([p for _, p in param_groups(model)["language"]], lr=1e-4)
@@ -373,7 +392,7 @@ def bench_train(*, config_name: str, seq_len: int, batch_size: int, steps: int, 
     dev = pick_device(device)
     dtype = DTYPES[precision]
     config = CONFIGS[config_name]
-    model, optimizer = train_model(config, device=dev, load_in_8bit=load_in_8bit, checkpointing=checkpointing)
+    model, optimizer = train_model(config_name, device=dev, load_in_8bit=load_in_8bit, checkpointing=checkpointing)
     tokens = torch.randint(3, config.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
     tokens = tokens.to(dev)
     weights = tensor_bytes(model)
@@ -418,15 +437,10 @@ def measure_layers(config: Config, *, layers: int, tokens: torch.Tensor, dtype: 
     prompt, as the top 30 of the paper layout), the frozen base in `dtype`, on tokens (B, T)."""
     start = time.perf_counter()
     cut = replace(config, n_layers=layers, adapter_layers=layers, visual_len=0, visual_layers=0)
-    model = build_model(cut, device=tokens.device, dtype=torch.float32).train()
-    for p in model.parameters():  # the frozen base in the compute dtype, as the recipe loads it
-        if not p.requires_grad:
-            p.data = p.data.to(dtype)
-    if load_in_8bit:
-        from lav2.quantize import quantize_8bit_
-
-        quantize_8bit_(model)
+    model = build_model(cut, device=tokens.device, dtype=dtype, quantize="8bit" if load_in_8bit else None).train()
     mark_trainable(model, ("language",))
+    for _, p in param_groups(model)["language"]:  # trained in float32, as finetune does
+        p.data = p.data.float()
     model.gradient_checkpointing = checkpointing
     with LiveBytes() as live:
         after_block = []  # live bytes as each block's forward ends
@@ -455,7 +469,7 @@ def bench_memory_7b(*, config_name: str, layers: int, seq_len: int, micro_batch_
               "load_in_8bit": True, "gradient_checkpointing": True, "precision": "bfloat16"}
     tokens = torch.randint(3, config.vocab_size, (micro_batch_size, seq_len), device=dev)
     if dev.type == "cuda":
-        return {"benchmark": "memory-7b", "estimate": False, **recipe, **measure_on_gpu(config, tokens),
+        return {"benchmark": "memory-7b", "estimate": False, **recipe, **measure_on_gpu(config_name, tokens),
                 "machine": machine(dev)}
     m = measure_layers(config, layers=layers, tokens=tokens, dtype=torch.bfloat16, load_in_8bit=True,
                        checkpointing=True)
@@ -484,10 +498,10 @@ def bench_memory_7b(*, config_name: str, layers: int, seq_len: int, micro_batch_
             "machine": machine(dev)}
 
 
-def measure_on_gpu(config: Config, tokens: torch.Tensor) -> dict:
+def measure_on_gpu(config_name: str, tokens: torch.Tensor) -> dict:
     """The whole 7B recipe on the GPU: one training step, torch.cuda.max_memory_allocated."""
     dev = tokens.device
-    model, optimizer = train_model(config, device=dev, load_in_8bit=True, checkpointing=True)
+    model, optimizer = train_model(config_name, device=dev, load_in_8bit=True, checkpointing=True)
     torch.cuda.reset_peak_memory_stats(dev)
     times = train_step(model, optimizer, tokens, torch.bfloat16)
     peak = torch.cuda.max_memory_allocated(dev)
@@ -589,25 +603,6 @@ def memory_7b(config_name, layers, seq_len, micro_batch_size, device, table):
 # --- serve: the HTTP API under concurrent clients --------------------------------------------------------
 
 
-def random_model_folder(config: Config, out: Path) -> Path:
-    """A text-only model folder of `config` with random weights and a small tokenizer, as `lav2 serve` loads one."""
-    from lav2 import checkpoint
-    from lav2.model import adapter_state_dict
-    from lav2.prompts import ALPACA_NO_INPUT, CHAT_SYSTEM, CHAT_TURN
-    from lav2.tokenizer import train_tokenizer
-
-    model = build_model(config, device=torch.device("cpu"), dtype=torch.float32)
-    base = {k: v for k, v in model.state_dict().items() if k in checkpoint.base_state_names(model)}
-    out.mkdir(parents=True)
-    words = [f"{colour} {shape}" for colour in ("red", "green", "blue") for shape in ("circle", "square", "star")]
-    tokenizer = train_tokenizer([CHAT_SYSTEM, CHAT_TURN, ALPACA_NO_INPUT, *words] * 20, out / ".tokenizer.model",
-                                vocab_size=min(300, config.vocab_size))
-    checkpoint.write_folder(out, config=config, layout="paper", tokenizer=tokenizer.path, base_weights=base,
-                            adapter=adapter_state_dict(model), prompt_style="chat", source={"bench": "random"})
-    tokenizer.path.unlink()
-    return out
-
-
 def stream_one(url: str, body: dict) -> tuple[float, float, int]:
     """POST a streaming chat completion; (seconds to the first content delta, total seconds, completion tokens)."""
     import http.client
@@ -656,9 +651,6 @@ def bench_serve(*, config_name: str, clients: list[int], requests: int, max_toke
                 device: Optional[str]) -> dict:
     """Requests/s, completion tokens/s and the median time to first token of `lav2 serve` (in process, on
     127.0.0.1) at each number of concurrent streaming clients; greedy answers of up to max_tokens."""
-    import tempfile
-
-    from lav2.checkpoint import load
     from lav2.serve import create_app, serving
 
     dev = pick_device(device)
@@ -666,7 +658,7 @@ def bench_serve(*, config_name: str, clients: list[int], requests: int, max_toke
     body = {"messages": [{"role": "user", "content": "Describe a red circle next to a blue square."}],
             "temperature": 0, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
     with tempfile.TemporaryDirectory() as tmp:
-        loaded = load(random_model_folder(config, Path(tmp) / f"random-{config_name}"), device=dev)
+        loaded = checkpoint.load(random_folder(config, Path(tmp) / f"random-{config_name}"), device=dev)
         with serving(create_app(loaded, max_batch=max_batch, max_queue=max(clients))) as url:
             stream_one(url, body)  # warm-up
             figures = {str(n): drive_clients(url, clients=n, requests=requests, body=body) for n in clients}

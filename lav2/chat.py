@@ -16,8 +16,8 @@ from typing import Iterator, Optional, Sequence, TextIO
 
 
 from lav2.checkpoint import write_text_atomic
-from lav2.data import open_image
 from lav2.errors import Lav2Error
+from lav2.images import open_image
 from lav2.generate import Conversation, Sampling
 
 HELP = """\
@@ -42,6 +42,7 @@ def default_model_dir() -> Path:
 
 
 def load_model(model_dir: Optional[Path], *, device: Optional[str], dtype: Optional[str], quantize: Optional[str]):
+    """The folder to chat with (default: the downloaded 7b), loaded for inference."""
     from lav2.checkpoint import DTYPES, load
 
     if model_dir is None:
@@ -49,20 +50,7 @@ def load_model(model_dir: Optional[Path], *, device: Optional[str], dtype: Optio
         if not model_dir.exists():
             raise Lav2Error(f"no model at {model_dir} (the default): it is not downloaded yet; run "
                             f"`lav2 download 7b`, or give a model folder with --model DIR")
-    loaded = load(model_dir, device=device, dtype=DTYPES[dtype] if dtype else None)
-    if quantize == "int8":
-        quantize_int8(loaded.model, cuda=loaded.model.tok_embeddings.weight.device.type == "cuda")
-    return loaded
-
-
-def quantize_int8(model, *, cuda: bool) -> None:
-    """bitsandbytes LLM.int8 on CUDA; on CPU torch's weight-only int8 kernel (no bitsandbytes needed)."""
-    from lav2 import quantize
-
-    if cuda:
-        quantize.quantize_8bit_(model)
-    else:
-        quantize.quantize_int8_(model)
+    return load(model_dir, device=device, dtype=DTYPES[dtype] if dtype else None, quantize=quantize)
 
 
 # --- the one-shot and the REPL -----------------------------------------------------------------------------

@@ -33,9 +33,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from lav2 import fastpath
 from lav2.errors import Lav2Error
+from lav2.images import Preprocess, make_preprocess
 from lav2.model import (LINEARS, AdapterLinear, Config, LLaMAAdapter, PRESETS, adapter_state_dict,
-                        base_parameter_names, build_clip_visual, decode_layout_, fold_linear, merged_config)
+                        base_parameter_names, build_clip_visual, fold_linear, init_adapters_, mark_trainable,
+                        merged_config)
+from lav2.prompts import STYLES
 from lav2.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -44,6 +48,9 @@ CONFIG_FILE, WEIGHTS_FILE, ADAPTER_FILE, CLIP_FILE, TOKENIZER_FILE = (
 
 # dtypes by the names recipes, folders and command-line options use
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The CLIP of every official release and of the paper: open_clip's ViT-L/14 with OpenAI's weights
+DEFAULT_CLIP = {"name": "ViT-L-14", "pretrained": "openai"}
+DEFAULT_CLIP_DIM = 768  # its output width
 
 # --- reading weight files safely ---------------------------------------------------------------------------
 
@@ -419,7 +426,7 @@ def import_model(src: Path, out: Path, *, adapter: Optional[Path] = None, clip: 
         adapter_state = official_to_lav2(checkpoint["model"], config)
         check_state(adapter_state, adapter_state_dict(meta_model(config)), f"{adapter}")
         prompt_style = "alpaca"
-        clip_spec = {"name": "ViT-L-14", "pretrained": "openai"}
+        clip_spec = DEFAULT_CLIP
     if clip is not None:
         clip_config, clip_weights = read_clip_folder(Path(clip))
         clip_spec = {"config": clip_config, "weights": CLIP_FILE}
@@ -439,28 +446,65 @@ class Loaded:
 
     model: LLaMAAdapter
     tokenizer: Tokenizer
-    preprocess: Optional[Callable]  # PIL image -> (3, H, W) tensor, channel order as the layout expects
+    preprocess: Optional[Preprocess]  # PIL image -> (3, H, W) tensor, channel order as the layout expects
     config: Config
     folder: Path
     info: dict  # the folder's lav2.json
+    clip_spec: Optional[dict] = None  # the CLIP the folder (or a base it builds on) names; None: none named
 
-    def generate(self, prompt: str, image=None, **sampling):
-        from lav2.generate import answer  # lazily: loading a model for training needs no sampling code
 
-        return answer(self, prompt, image=image, **sampling)
+# lav2.json's fields: the JSON types each may have, and whether it must be there
+FOLDER_FIELDS = {
+    "format": ((str,), True), "version": ((int,), True), "config": ((dict,), True), "layout": ((str,), False),
+    "weights": ((str, type(None)), False), "base": ((str, type(None)), False),
+    "adapter": ((str, type(None)), False), "clip": ((dict, type(None)), False),
+    "prompt_style": ((str,), False), "source": ((dict,), False),
+}
+JSON_NAMES = {dict: "an object", str: "a string", int: "an integer", type(None): "null"}
 
 
 def read_folder_info(folder: Path) -> dict:
+    """A model folder's lav2.json, checked field by field, so that every command that reads a folder fails the
+    same way: one line naming the file, the field and what it should be."""
     folder = Path(folder)
     if not folder.is_dir():
         what = "a file, not a model folder" if folder.exists() else "no such model folder"
         raise Lav2Error(f"{folder}: {what}; `lav2 download` makes one")
-    if not (folder / CONFIG_FILE).is_file():
+    path = folder / CONFIG_FILE
+    if not path.is_file():
         raise Lav2Error(f"{folder}: not a lav2 model folder (no {CONFIG_FILE}); import weights with "
                         f"`lav2 download PATH --out DIR`")
-    info = read_json(folder / CONFIG_FILE)
+    info = read_json(path)
+
+    def bad(what: str) -> Lav2Error:
+        return Lav2Error(f"{path}: {what}; the folder is damaged: make it again with `lav2 download`, "
+                         f"`lav2 finetune` or `lav2 merge`")
+
+    if not isinstance(info, dict):
+        raise bad(f"expected a JSON object, found a {type(info).__name__}")
     if info.get("format") != "lav2" or info.get("version") != FORMAT_VERSION:
-        raise Lav2Error(f"{folder / CONFIG_FILE}: not a lav2 v{FORMAT_VERSION} model config")
+        raise bad(f"not a lav2 v{FORMAT_VERSION} model config (format {info.get('format')!r}, "
+                  f"version {info.get('version')!r})")
+    for key, (types, required) in FOLDER_FIELDS.items():
+        if key not in info:
+            if required:
+                raise bad(f"the field {key!r} is missing")
+        elif not isinstance(info[key], types) or isinstance(info[key], bool):
+            raise bad(f"the field {key!r} must be {' or '.join(JSON_NAMES[t] for t in types)}, not {info[key]!r}")
+    clip = info.get("clip")
+    if clip is not None and not (isinstance(clip.get("name"), str) or (
+            isinstance(clip.get("config"), dict) and isinstance(clip.get("weights"), str))):
+        raise bad('the field \'clip\' must be {"name": ..., "pretrained": ...} or {"config": {...}, "weights": FILE}')
+    if info.get("prompt_style", "chat") not in STYLES:
+        raise bad(f"the field 'prompt_style' must be one of {', '.join(STYLES)}, not {info['prompt_style']!r}")
+    try:
+        Config.from_dict(info["config"])
+    except (TypeError, ValueError) as e:
+        raise bad(f"bad model config ({e})") from None
+    for key in ("weights", "adapter"):
+        if info.get(key) and not (folder / info[key]).is_file():
+            raise Lav2Error(f"{folder}: {CONFIG_FILE} names the {key} file {info[key]!r}, which is missing; the "
+                            f"folder is incomplete: make it again")
     return info
 
 
@@ -473,6 +517,9 @@ def collect_weights(folder: Path, info: dict, device="cpu") -> tuple[dict[str, t
     state, clip_spec, clip_folder = {}, info.get("clip"), folder
     parent = base_folder(folder, info)
     if parent is not None:
+        if not parent.is_dir():
+            raise Lav2Error(f"{folder}: builds on the base folder {parent}, which is missing; put it back where "
+                            f"{folder / CONFIG_FILE} says ('base')")
         state, parent_clip, parent_clip_folder = collect_weights(parent, read_folder_info(parent), device)
         if clip_spec is None:
             clip_spec, clip_folder = parent_clip, parent_clip_folder
@@ -487,48 +534,89 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load(path, device=None, dtype=None) -> Loaded:
-    """Load a lav2 model folder: the model (eval mode, frozen), tokenizer, image preprocess and config."""
+def pick_device(device: Optional[str]) -> torch.device:
+    """A torch.device for a user's string (default: cuda when there is one); a malformed or absent device is
+    one line."""
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as e:
+        raise Lav2Error(f"device {device!r} is not one torch knows ({str(e).splitlines()[0]}); use cpu, cuda or "
+                        f"cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise Lav2Error(f"device {device}: lav2 runs on cpu or cuda, not {dev.type}")
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise Lav2Error(f"device {device}: no such CUDA GPU is visible to torch ({torch.cuda.device_count()} "
+                        f"visible); use cpu, or check the driver and CUDA_VISIBLE_DEVICES")
+    return dev
+
+
+QUANTIZE = ("int8", "8bit")
+
+
+def load(path, device=None, dtype=None, *, quantize: Optional[str] = None, layout: Optional[str] = None,
+         seed: int = 0) -> Loaded:
+    """Build the model of a lav2 folder: the one way from a folder to a model, for chat, eval, serve, fine-tuning
+    and bench. Every load is strict: each tensor the model has must be in the files, with its shape, and no other.
+
+    Inference (the default): everything from the folder, frozen, eval mode, in `dtype` (default: bfloat16 on
+    CUDA, float32 on CPU); quantize "int8" stores the frozen matrices in int8 (bitsandbytes on CUDA, weight-only
+    on the CPU); float32 CPU matrices get the decode layout (fastpath.py).
+    Fine-tuning (`layout`, a preset name): the folder must be a plain base; its LLaMA gets that preset's adapter,
+    initialised from `seed`, float32 and trainable, the frozen base in `dtype` (quantize "8bit": bitsandbytes).
+    """
     folder = Path(path)
     info = read_folder_info(folder)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(device)
     dtype = dtype or default_dtype(device)
-    try:
-        config = Config.from_dict(info["config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise Lav2Error(f"{folder / CONFIG_FILE}: bad model config ({e})") from None
+    if quantize not in (None, *QUANTIZE):
+        raise Lav2Error(f"quantize must be one of {', '.join(QUANTIZE)}, not {quantize!r}")
+    config = Config.from_dict(info["config"])
+    if layout is not None:
+        if info.get("adapter"):
+            raise Lav2Error(f"{folder}: is a fine-tuned model folder; give the plain LLaMA folder it builds on "
+                            f"(its lav2.json 'base') as the recipe's base")
+        try:
+            config = config.with_layout(Config.from_name(layout))
+        except (KeyError, ValueError) as e:
+            raise Lav2Error(f"layout {layout} does not fit the base {folder} ({e})") from None
     state, clip_spec, clip_folder = collect_weights(folder, info, device)  # read straight onto the device
     model = meta_model(config)  # no CLIP yet: its weights load below
-    check_state(state, model.state_dict(), f"{folder}")
+    expected = model.state_dict()
+    if layout is not None:  # the base's tensors only: the adapter is made below
+        base = base_state_names(model)
+        expected = {k: v for k, v in expected.items() if k in base and not k.startswith("visual.")}
+    check_state(state, {k: v for k, v in expected.items() if not k.startswith("visual.clip.")}, f"{folder}")
     for key in state:  # one tensor at a time, so a 7B model never exists twice in memory
-        state[key] = state[key].to(dtype)
-    model.load_state_dict(state, assign=True)
-    state.clear()  # the model holds the tensors now: decode_layout_ below frees each old copy as it replaces it
+        trainable_norm = layout is not None and key.endswith("norm.weight")  # trained in float32
+        state[key] = state[key].to(torch.float32 if trainable_norm else dtype)
+    model.load_state_dict(state, assign=True, strict=layout is None)  # a new adapter is made below
+    state.clear()  # the model holds the tensors now: a fastpath swap frees each old copy as it replaces it
+    if layout is not None:
+        init_adapters_(model, device=device, seed=seed)
     model.init_rope(device)
     preprocess = None
     if config.visual_len:
-        if clip_spec is None:
-            raise Lav2Error(f"{folder}: the model has a visual branch but the folder names no CLIP")
-        model.visual.clip, transform = load_clip(clip_spec, clip_folder, device)
+        if clip_spec is None and (layout is None or config.clip_dim != DEFAULT_CLIP_DIM):
+            raise Lav2Error(f"{folder}: names no CLIP and the model needs a {config.clip_dim}-wide one; import the "
+                            f"base with `lav2 download ... --clip DIR`")
+        model.visual.clip, transform = load_clip(clip_spec or DEFAULT_CLIP, clip_folder, device)
         model.visual.clip.to(dtype)
         preprocess = make_preprocess(transform, bgr=config.bgr)
-    model.requires_grad_(False).eval()
-    decode_layout_(model)  # a loaded model is for inference: store its matrices the way decoding streams them
+    if layout is None:
+        model.requires_grad_(False).eval()
+    else:
+        mark_trainable(model)
+    if quantize == "8bit" or (quantize == "int8" and device.type == "cuda"):
+        fastpath.quantize_8bit_(model)
+    elif quantize == "int8":
+        if layout is not None:
+            raise Lav2Error("int8 weight-only matrices are for inference; train with load_in_8bit (bitsandbytes)")
+        fastpath.quantize_int8_(model)
+    elif layout is None:
+        fastpath.decode_layout_(model)
     tokenizer = Tokenizer(folder / TOKENIZER_FILE)
-    return Loaded(model=model, tokenizer=tokenizer, preprocess=preprocess, config=config, folder=folder, info=info)
-
-
-def make_preprocess(transform: Callable, *, bgr: bool) -> Callable:
-    """PIL image (any mode) -> tensor; BGR layouts swap the channels first, as cv2.imread fed the release."""
-    from PIL import Image
-
-    def preprocess(image: "Image.Image") -> torch.Tensor:
-        image = image.convert("RGB")
-        if bgr:
-            image = Image.merge("RGB", image.split()[::-1])
-        return transform(image)
-
-    return preprocess
+    return Loaded(model=model, tokenizer=tokenizer, preprocess=preprocess, config=config, folder=folder, info=info,
+                  clip_spec=clip_spec)
 
 
 # --- merge -------------------------------------------------------------------------------------------------

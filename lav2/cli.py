@@ -71,6 +71,20 @@ def finetune(recipe, overrides, out, resume):
 
 
 @main.command()
+@click.argument("folder", type=click.Path(path_type=Path), default=Path("runs/demo"))
+@click.option("--seed", default=0, show_default=True, help="Seed of the images, the tiny model and its tokenizer.")
+@click.option("--images", default=2000, show_default=True, help="Training images.")
+@click.option("--heldout", default=100, show_default=True, help="Held-out images, for `lav2 eval`.")
+def demo(folder, seed, images, heldout):
+    """Generate the offline demo's base model and data into FOLDER (default runs/demo): what
+    recipes/shapes.yaml trains on, made locally in seconds."""
+    from lav2 import demo as demo_data
+
+    demo_data.generate(folder, seed=seed, images=images, heldout=heldout)
+    click.echo(f"demo data ready: {folder}; next: lav2 finetune recipes/shapes.yaml")
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The merged model folder to write.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,

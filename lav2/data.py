@@ -13,18 +13,16 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from lav2.errors import Lav2Error
+from lav2.images import Preprocess, load_image
 from lav2.prompts import CAPTION_INSTRUCTION, Turn, training_segments
 from lav2.recipe import Recipe, Source, check_data_files, short_path
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (prompts, padding); torch's cross_entropy default
-
-Preprocess = Callable[[Image.Image], torch.Tensor]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,11 +75,17 @@ class _Bad(Exception):
 
 
 def _read_text(path: Path) -> str:
+    """A data file's text. A UTF-8 byte-order mark, as Windows editors and Excel exports write, is dropped."""
+    data = path.read_bytes()
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise Lav2Error(f"{short_path(path)}: UTF-16 text (as Excel's 'Unicode Text' and Notepad's 'Unicode' "
+                        f"save it); save it as UTF-8")
+    text = data.removeprefix(b"\xef\xbb\xbf")
     try:
-        return path.read_text(encoding="utf-8")
+        return text.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise Lav2Error(f"{short_path(path)}: not UTF-8 text ({e.reason} at byte {e.start}); "
-                        f"save it as UTF-8") from None
+        at = e.start + len(data) - len(text)  # counted from the file's first byte, the mark included
+        raise Lav2Error(f"{short_path(path)}: not UTF-8 text ({e.reason} at byte {at}); save it as UTF-8") from None
 
 
 def _read_json(path: Path) -> object:
@@ -331,28 +335,6 @@ def order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- batches
-
-
-def open_image(image: str | Path | Image.Image) -> Image.Image:
-    """A PIL image, or a file read into one (RGB); a missing, non-image or corrupt file is a Lav2Error."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    path = Path(image).expanduser()
-    if not path.is_file():
-        raise Lav2Error(f"{path}: no such image file" + (" (it is a folder)" if path.is_dir() else ""))
-    try:
-        with Image.open(path) as opened:
-            opened.load()  # decode now: a truncated file fails here, not inside the model
-            return opened.convert("RGB")
-    except UnidentifiedImageError:
-        raise Lav2Error(f"{path}: not an image Pillow can read; give a JPEG, PNG, WebP or similar file") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise Lav2Error(f"{path}: the image is corrupt or truncated ({e})") from None
-
-
-def load_image(path: Path, preprocess: Preprocess) -> torch.Tensor:
-    """Decode any Pillow mode (P, RGBA, L, CMYK, ...) to RGB, then the model's transform: a (3, H, W) tensor."""
-    return preprocess(open_image(path))
 
 
 def collate(examples: list[Example], pad_id: int, preprocess: Preprocess | None = None,

@@ -1,16 +1,16 @@
-"""The offline demo of recipes/shapes.yaml: everything generated locally from the recipe's seed, then evaluated.
+"""The offline demo's data: everything recipes/shapes.yaml trains on, generated locally from seeds.
 
-`generate` writes, inside the run's output folder:
+`generate(folder)` (the command `lav2 demo FOLDER`) writes:
 
-    base/      a lav2 base folder: a tiny random LLaMA (frozen, like any base), a tiny random open_clip ViT
-               (frozen) and a SentencePiece model trained on the demo's texts
+    base/      a lav2 base folder: a tiny random LLaMA (frozen, like any base), a tiny open_clip ViT (frozen) and
+               a SentencePiece model trained on the demo's texts
     data/      images of one shape (circle, square, triangle, star) in one of six colours at a random place and
                size on a plain light or dark background; captions.jsonl ("A red circle."), instructions.jsonl
                ("What colour is the shape?" -> "Red.", "What shape is it?" -> "A circle.", a few text-only)
-    heldout/   100 more images drawn with another seed (0.png, 1.png, ...) and heldout.jsonl with their answers
+    heldout/   more images drawn with another seed (0.png, 1.png, ...) and eval.jsonl, both questions about each
+               image in the format of `lav2 eval --task vqa`
 
-`materialise` points the recipe at them; `evaluate` asks both questions about every held-out image (greedy
-decoding with generate.py) and scores whether the answer names the right colour / shape.
+recipes/shapes.yaml is an ordinary recipe over these files; nothing else in lav2 knows about the demo.
 """
 
 from __future__ import annotations
@@ -18,25 +18,20 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from lav2 import checkpoint
-from lav2.data import encode_prompt
 from lav2.errors import Lav2Error
-from lav2.generate import generate as generate_tokens  # this module has its own generate (the data)
 from lav2.model import Config, LLaMAAdapter, base_parameter_names
-from lav2.prompts import ALPACA_NO_INPUT, CAPTION_INSTRUCTION, CHAT_SYSTEM, CHAT_TURN, Turn
-from lav2.recipe import Recipe, Source
+from lav2.prompts import ALPACA_NO_INPUT, CAPTION_INSTRUCTION, CHAT_SYSTEM, CHAT_TURN
 from lav2.tokenizer import train_tokenizer
 
 COLOURS = {"red": (220, 30, 30), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (240, 210, 40),
            "purple": (140, 50, 180), "orange": (245, 140, 30)}
 SHAPES = ("circle", "square", "triangle", "star")
 COLOUR_QUESTION, SHAPE_QUESTION = "What colour is the shape?", "What shape is it?"
-MAX_ANSWER_TOKENS = 8  # "A triangle." is 4 tokens with eos
 TEXT_ONLY = [
     ("How many sides does a triangle have?", "Three."),
     ("How many sides does a square have?", "Four."),
@@ -50,38 +45,10 @@ TEXT_ONLY = [
     ("Say hello.", "Hello!"),
 ]
 
-# base: {demo: {...}}: the tiny LLaMA and CLIP (vocab_size is the tokenizer's, found after training it)
-BASE_DEFAULTS = dict(dim=128, n_layers=4, n_heads=4, multiple_of=32, max_seq_len=256, vocab_size=1000,
-                     clip={"image_size": 32, "patch_size": 4, "width": 64, "layers": 2, "head_width": 16,
-                           "embed_dim": 32})
-# generate_data: {...}
-DATA_DEFAULTS = dict(seed=0, images=2000, heldout=100, heldout_seed=1, image_size=64, text_only_repeat=20)
-
-
-def settings(given: dict, defaults: dict, where: str) -> dict:
-    """defaults updated by `given`; unknown keys and wrong types are one-line errors."""
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        raise Lav2Error(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(defaults)}")
-    out = dict(defaults)
-    for key, value in given.items():
-        if isinstance(defaults[key], dict):
-            out[key] = settings(value if isinstance(value, dict) else {}, defaults[key], f"{where}.{key}")
-            if not isinstance(value, dict):
-                raise Lav2Error(f"{where}.{key} must be a mapping, not {value!r}")
-        elif not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise Lav2Error(f"{where}.{key} must be a non-negative integer, not {value!r}")
-        else:
-            out[key] = value
-    return out
-
-
-def recipe_settings(recipe: Recipe) -> tuple[dict, dict]:
-    base = settings(recipe.base["demo"], BASE_DEFAULTS, f"{recipe.path}: base.demo")
-    data = settings(recipe.generate_data or {}, DATA_DEFAULTS, f"{recipe.path}: generate_data")
-    if data["images"] < 1 or data["heldout"] < 1:
-        raise Lav2Error(f"{recipe.path}: generate_data.images and .heldout must be at least 1")
-    return base, data
+# the tiny LLaMA (vocab_size is the tokenizer's, found after training it) and its CLIP tower
+BASE = dict(dim=128, n_layers=4, n_heads=4, multiple_of=32, max_seq_len=256, vocab_size=1000)
+CLIP = {"image_size": 32, "patch_size": 4, "width": 64, "layers": 2, "head_width": 16, "embed_dim": 32}
+IMAGE_SIZE, TEXT_ONLY_REPEAT, HELDOUT_SEED = 64, 20, 1
 
 
 # --- images ------------------------------------------------------------------------------------------------
@@ -172,81 +139,43 @@ def texts_for_tokenizer(records: list[dict]) -> list[str]:
     return texts * 20
 
 
-def generate(recipe: Recipe, folder: Path) -> None:
-    """Write the demo's base, data and held-out images into `folder` (deterministic in the settings)."""
-    base, data = recipe_settings(recipe)
-    train = draw_set(folder / "data" / "images", data["images"], data["seed"], data["image_size"])
-    heldout = draw_set(folder / "heldout", data["heldout"], data["seed"] * 1000 + data["heldout_seed"],
-                       data["image_size"])
-    write_jsonl(folder / "heldout" / "heldout.jsonl", heldout)
+def generate(folder: Path, *, seed: int = 0, images: int = 2000, heldout: int = 100) -> Path:
+    """Write the demo's base, data and held-out set into `folder` (new; deterministic in the arguments)."""
+    if images < 1 or heldout < 1:
+        raise Lav2Error(f"the demo needs at least one training and one held-out image (got {images}, {heldout})")
+    with checkpoint.atomic_folder(Path(folder)) as tmp:
+        write_demo(tmp, seed=seed, images=images, heldout=heldout)
+    return Path(folder)
+
+
+def write_demo(folder: Path, *, seed: int, images: int, heldout: int) -> None:
+    train = draw_set(folder / "data" / "images", images, seed, IMAGE_SIZE)
+    held = draw_set(folder / "heldout", heldout, seed * 1000 + HELDOUT_SEED, IMAGE_SIZE)
+    write_jsonl(folder / "heldout" / "eval.jsonl",
+                [{"image": r["image"], "question": question, "answers": [answer] * 10, "question_type": kind}
+                 for r in held for (question, answer), kind in zip(answers(r["colour"], r["shape"]).items(),
+                                                                   ("colour", "shape"))])
     write_jsonl(folder / "data" / "captions.jsonl",
                 [{"image": f"images/{r['image']}", "caption": caption(r["colour"], r["shape"])} for r in train])
     instructions = [{"instruction": q, "output": a, "image": f"images/{r['image']}"}
                     for r in train for q, a in answers(r["colour"], r["shape"]).items()]
-    instructions += [{"instruction": q, "output": a} for q, a in TEXT_ONLY] * data["text_only_repeat"]
+    instructions += [{"instruction": q, "output": a} for q, a in TEXT_ONLY] * TEXT_ONLY_REPEAT
     write_jsonl(folder / "data" / "instructions.jsonl", instructions)
 
     (folder / "base").mkdir()
     tokenizer = train_tokenizer(texts_for_tokenizer(train), folder / "base" / ".tokenizer.model",
-                                vocab_size=base["vocab_size"])
-    try:
-        config = Config(dim=base["dim"], n_layers=base["n_layers"], n_heads=base["n_heads"],
-                        vocab_size=tokenizer.vocab_size, multiple_of=base["multiple_of"],
-                        max_seq_len=base["max_seq_len"])
-    except ValueError as e:
-        raise Lav2Error(f"{recipe.path}: base.demo does not make a model ({e}); fix its sizes") from None
+                                vocab_size=BASE["vocab_size"])
+    config = Config(**{**BASE, "vocab_size": tokenizer.vocab_size})
     import open_clip
 
-    torch.manual_seed(data["seed"])
-    clip = open_clip.CLIP(**clip_config(base["clip"])).visual
+    torch.manual_seed(seed)
+    clip = open_clip.CLIP(**clip_config(CLIP)).visual
     checkpoint.write_folder(folder / "base", config=config, layout="llama", tokenizer=tokenizer.path,
-                            base_weights=random_base(config, data["seed"]),
-                            clip_spec={"config": clip_config(base["clip"]), "weights": checkpoint.CLIP_FILE},
-                            clip_weights=clip.state_dict(), source={"demo": base})
+                            base_weights=random_base(config, seed),
+                            clip_spec={"config": clip_config(CLIP), "weights": checkpoint.CLIP_FILE},
+                            clip_weights=clip.state_dict(), source={"demo": {"seed": seed}})
     tokenizer.path.unlink()
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
-def materialise(recipe: Recipe, folder: Path) -> Recipe:
-    """The recipe with its base and data pointing at what `generate` wrote in `folder`."""
-    recipe_settings(recipe)
-    data = folder / "data"
-    return replace(recipe, base=str(folder / "base"),
-                   data=replace(recipe.data, instruction=(Source(data / "instructions.jsonl", "alpaca"),),
-                                caption=(Source(data / "captions.jsonl", "captions"),)))
-
-
-# --- evaluation --------------------------------------------------------------------------------------------
-
-
-def evaluate(setup, recipe: Recipe, folder: Path) -> dict:
-    """Held-out accuracy of both questions: the greedy answer contains the right colour / shape word."""
-    from PIL import Image
-
-    model, tokenizer = setup.model, setup.tokenizer
-    records = [json.loads(line) for line in (folder / "heldout" / "heldout.jsonl").read_text().splitlines()]
-    device = next(p for p in model.parameters() if p.is_floating_point()).device
-    images = torch.stack([setup.preprocess(Image.open(folder / "heldout" / r["image"])) for r in records]).to(device)
-    model.eval()
-    result = {"heldout": len(records)}
-    for question, key in ((COLOUR_QUESTION, "colour"), (SHAPE_QUESTION, "shape")):
-        prompt = encode_prompt(tokenizer, recipe.prompt_style, [Turn(question)])
-        model.setup_cache(1, len(prompt) + MAX_ANSWER_TOKENS)
-        replies = []
-        with torch.no_grad():
-            for image in images:
-                ids = generate_tokens(model, prompt, images=image[None], max_new_tokens=MAX_ANSWER_TOKENS,
-                                      temperature=0, stop_ids=[tokenizer.eos_id], vocab_size=tokenizer.vocab_size)
-                replies.append(tokenizer.decode([i for i in ids if i != tokenizer.eos_id]).lower())
-        model.clear_cache()
-        result[f"{key}_accuracy"] = sum(r[key] in reply for r, reply in zip(records, replies)) / len(records)
-        result[f"{key}_examples"] = replies[:3]
-    return result
-
-
-def format_result(result: dict) -> str:
-    return (f"held-out ({result['heldout']} images): colour accuracy {result['colour_accuracy']:.0%}, shape accuracy "
-            f"{result['shape_accuracy']:.0%} (chance: 17% and 25%)")

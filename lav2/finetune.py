@@ -46,9 +46,8 @@ from lav2 import checkpoint
 from lav2.data import IGNORE_INDEX, Batch, PreparedData, prepare
 from lav2.download import lav2_home
 from lav2.errors import Lav2Error
-from lav2.model import Config, LLaMAAdapter, adapter_state_dict, count_params, mark_trainable, param_groups
+from lav2.model import LLaMAAdapter, adapter_state_dict, count_params, mark_trainable, param_groups
 from lav2.recipe import Recipe, check_data_files, load_recipe
-from lav2.tokenizer import Tokenizer
 
 RUN_FILE, STATE_DIR, LATEST, METRICS_FILE, LOSS_PLOT = "run.json", "state", "latest", "metrics.jsonl", "loss.png"
 GROUP_OF = {"caption": "visual", "instruction": "language"}
@@ -95,21 +94,6 @@ def pick_device(wanted: str, where: str) -> str:
 # --- the model ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Setup:
-    """The model to train and what was read to build it."""
-
-    model: LLaMAAdapter
-    config: Config
-    tokenizer: Tokenizer
-    tokenizer_path: Path
-    preprocess: Optional[Callable]
-    base_dir: Path
-    clip_spec: Optional[dict]  # what the output's lav2.json names: None when inherited from the base folder
-    adapter_keys: list[str]  # the tensors an adapter file holds, in a fixed order
-    counts: dict[str, int]  # model.count_params of the unquantized model
-
-
 def resolve_base(base: str, where: str) -> Path:
     """A model folder path as it is, a registry name under $LAV2_HOME (made by `lav2 download NAME`)."""
     path = Path(base)
@@ -136,56 +120,21 @@ def check_inputs_exist(recipe: Recipe) -> None:
         raise Lav2Error(f"{recipe.path.name}: " + "; ".join(problems))
 
 
-def build_model(recipe: Recipe, base_dir: Path, device: str) -> Setup:
-    """The base LLaMA (frozen, in the training precision) with the recipe's adapter layout on top, adapters
+def build_model(recipe: Recipe, device: str) -> checkpoint.Loaded:
+    """The recipe's base LLaMA (frozen, in the training precision) with the recipe's layout on top, adapters
     initialised from train.seed, CLIP attached, float32 trainables."""
-    info = checkpoint.read_folder_info(base_dir)
-    if info.get("adapter"):
-        raise Lav2Error(f"{base_dir}: is a fine-tuned model folder; give the plain LLaMA folder it builds on "
-                        f"(its lav2.json 'base') as the recipe's base")
+    t = recipe.train
+    base_dir = resolve_base(recipe.base, str(recipe.path))
+    dtype = checkpoint.DTYPES[t.precision]
     try:
-        base_config = Config.from_dict(info["config"])
-        config = base_config.with_layout(Config.from_name(recipe.layout))
-    except (KeyError, ValueError) as e:
-        raise Lav2Error(f"{recipe.path}: layout {recipe.layout} does not fit the base {base_dir} ({e})") from None
-    if recipe.train.max_seq_len > config.max_seq_len:
-        raise Lav2Error(f"{recipe.path}: train.max_seq_len {recipe.train.max_seq_len} exceeds the base's "
-                        f"{config.max_seq_len} positions; lower it")
-    state, clip_spec, clip_folder = checkpoint.collect_weights(base_dir, info)
-    with torch.device("meta"):
-        shapes = LLaMAAdapter(config)
-    names = {k for k in checkpoint.base_state_names(shapes) if not k.startswith("visual.")}  # LayerNorms there
-    expected = {k: v for k, v in shapes.state_dict().items() if k in names}
-    checkpoint.check_state(state, expected, f"base {base_dir}")
-    dtype = torch.float32 if device == "cpu" and recipe.train.precision == "float32" else checkpoint.DTYPES[recipe.train.precision]
-    torch.manual_seed(recipe.train.seed)
-    # Built for real on the CPU: the frozen matrices are torch.empty (no memory touched until assigned below),
-    # the adapters get their init from the seed.
-    model = LLaMAAdapter(config)
-    model.load_state_dict({k: v.to(torch.float32 if k.endswith("norm.weight") else dtype) for k, v in state.items()},
-                          strict=False, assign=True)
-    del state
-    if recipe.train.load_in_8bit:
-        from lav2.quantize import quantize_8bit_
-
-        quantize_8bit_(model)
-    model.to(device)
-    preprocess, out_clip = None, None
-    if config.visual_len:
-        if clip_spec is None:
-            if config.clip_dim != 768:
-                raise Lav2Error(f"{base_dir}: names no CLIP and layout {recipe.layout} needs a {config.clip_dim}-wide "
-                                f"one; import the base with `lav2 download ... --clip DIR`")
-            clip_spec = out_clip = {"name": "ViT-L-14", "pretrained": "openai"}
-        model.visual.clip, transform = checkpoint.load_clip(clip_spec, clip_folder, device)
-        model.visual.clip.to(dtype)
-        preprocess = checkpoint.make_preprocess(transform, bgr=config.bgr)
-    mark_trainable(model)
-    for _, p in trainable_params(model):
-        p.data = p.data.float()
-    tokenizer_path = base_dir / checkpoint.TOKENIZER_FILE
-    return Setup(model, config, Tokenizer(tokenizer_path), tokenizer_path, preprocess, base_dir, out_clip,
-                 sorted(adapter_state_dict(shapes)), count_params(shapes))
+        loaded = checkpoint.load(base_dir, device, dtype, layout=recipe.layout, seed=t.seed,
+                                 quantize="8bit" if t.load_in_8bit else None)
+    except Lav2Error as e:
+        raise Lav2Error(f"{recipe.path}: {e}") from None
+    if t.max_seq_len > loaded.config.max_seq_len:
+        raise Lav2Error(f"{recipe.path}: train.max_seq_len {t.max_seq_len} exceeds the base's "
+                        f"{loaded.config.max_seq_len} positions; lower it")
+    return loaded
 
 
 def trainable_params(model: LLaMAAdapter) -> list[tuple[str, torch.nn.Parameter]]:
@@ -193,10 +142,9 @@ def trainable_params(model: LLaMAAdapter) -> list[tuple[str, torch.nn.Parameter]
     return groups["visual"] + groups["language"]
 
 
-def adapter_tensors(setup: Setup) -> dict[str, torch.Tensor]:
-    """What the adapter file holds (named from an unquantized model, so that 8-bit internals stay out)."""
-    state = setup.model.state_dict()
-    return {k: state[k].detach().cpu() for k in setup.adapter_keys}
+def adapter_tensors(model: LLaMAAdapter) -> dict[str, torch.Tensor]:
+    """What the adapter file holds, on the CPU."""
+    return {k: v.detach().cpu() for k, v in adapter_state_dict(model).items()}
 
 
 # --- optimizers and schedule -------------------------------------------------------------------------------
@@ -289,18 +237,17 @@ class StepResult:
 class Trainer:
     recipe: Recipe
     out: Path
-    setup: Setup
+    loaded: checkpoint.Loaded  # the model being trained, from build_model
     data: PreparedData
     device: str
     dist: Dist = field(default_factory=Dist)
-    demo: bool = False  # the offline demo: evaluated on its held-out images after training
     step: int = 0
     total: int = 0
     positions: dict[str, int] = field(default_factory=lambda: {"instruction": 0, "caption": 0})
 
     def __post_init__(self):
         t = self.recipe.train
-        model = self.setup.model
+        model = self.loaded.model
         model.gradient_checkpointing = t.gradient_checkpointing
         self.params = param_groups(model)
         self.optimizers = {g: make_optimizer(named, self.recipe) for g, named in self.params.items() if named}
@@ -352,7 +299,7 @@ class Trainer:
             raise Lav2Error(f"{self.recipe.path}: layout {self.recipe.layout} has no {group} parameters but step "
                             f"{self.step} is a {kind} step; set train.caption_ratio to "
                             f"{0 if kind == 'caption' else 1}")
-        model, named = self.setup.model, self.params[group]
+        model, named = self.loaded.model, self.params[group]
         mark_trainable(model, (group,))  # the other group gets no gradient, so no work and no way to move
         model.train()
         micro = [b.to(self.device) for b in self.micro_batches(kind)]
@@ -432,10 +379,13 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
 
     def write_state(self, folder: Path) -> None:
-        s = self.setup
-        checkpoint.write_folder(folder, config=s.config, layout=self.recipe.layout, tokenizer=s.tokenizer_path,
-                                base=os.path.relpath(s.base_dir, self.out), adapter=adapter_tensors(s),
-                                clip_spec=s.clip_spec, prompt_style=self.recipe.prompt_style,
+        loaded = self.loaded
+        # A base that names no CLIP was trained with the default one: the run folder says so.
+        clip_spec = checkpoint.DEFAULT_CLIP if loaded.clip_spec is None and loaded.config.visual_len else None
+        checkpoint.write_folder(folder, config=loaded.config, layout=self.recipe.layout,
+                                tokenizer=loaded.folder / checkpoint.TOKENIZER_FILE,
+                                base=os.path.relpath(loaded.folder, self.out), adapter=adapter_tensors(loaded.model),
+                                clip_spec=clip_spec, prompt_style=self.recipe.prompt_style,
                                 source=dict(recipe=str(self.recipe.path), step=self.step))
         for group, optimizer in self.optimizers.items():
             torch.save(optimizer.state_dict(), folder / f"optimizer-{group}.pt")
@@ -458,9 +408,11 @@ class Trainer:
             raise Lav2Error(f"{self.out}: has no complete checkpoint to resume from (state/{LATEST} is missing); "
                             f"remove the folder and start again")
         adapter = checkpoint.read_safetensors(folder / checkpoint.ADAPTER_FILE)
-        expected = adapter_tensors(self.setup)
-        checkpoint.check_state(adapter, expected, f"checkpoint {folder}")
-        self.setup.model.load_state_dict(adapter, strict=False)  # copies into the float32 trainables
+        params = adapter_state_dict(self.loaded.model)
+        checkpoint.check_state(adapter, params, f"checkpoint {folder}")
+        with torch.no_grad():
+            for key, tensor in adapter.items():  # into the float32 trainables, whatever the file's dtype
+                params[key].copy_(tensor)
         for group, optimizer in self.optimizers.items():
             optimizer.load_state_dict(torch.load(folder / f"optimizer-{group}.pt", map_location=self.device,
                                                  weights_only=True))
@@ -589,14 +541,10 @@ def check_run_folder(out: Path, *, resume: bool) -> None:
 
 
 def create_run_folder(recipe: Recipe, out: Path, *, overrides: list[str], dist: Dist) -> None:
-    """Create `out` atomically, with the demo's generated base and data when the recipe is the demo."""
+    """Create `out` atomically, with the run's own file."""
     dist.barrier()  # every process has checked `out` before the main one creates it
     if dist.main:
         with checkpoint.atomic_folder(out) as tmp:
-            if isinstance(recipe.base, dict):
-                from lav2 import demo
-
-                demo.generate(recipe, tmp)
             run = dict(recipe=str(recipe.path), overrides=overrides, started=time.strftime("%Y-%m-%d %H:%M:%S"))
             (tmp / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n")
     dist.barrier()
@@ -607,12 +555,6 @@ def run(recipe_path, *, overrides: list[str] = (), out: Optional[Path] = None, r
     recipe's output). Returns the folder."""
     trainer = start(recipe_path, overrides=overrides, out=out, resume=resume)
     train(trainer)
-    if trainer.dist.main and trainer.demo:
-        from lav2 import demo
-
-        result = demo.evaluate(trainer.setup, trainer.recipe, trainer.out)
-        append_metrics(trainer.out, {"step": trainer.step, "eval": result})
-        print(demo.format_result(result))
     if trainer.dist.world > 1:
         torch.distributed.destroy_process_group()
     return trainer.out
@@ -629,23 +571,15 @@ def start(recipe_path, *, overrides: list[str] = (), out: Optional[Path] = None,
         device = f"cuda:{dist.local_rank}"
         torch.cuda.set_device(device)
     check_run_folder(out, resume=resume)
-    is_demo = isinstance(recipe.base, dict)
-    if is_demo:  # its base and data are generated into the run folder: create it first
-        from lav2 import demo
-
-        if not resume:
-            create_run_folder(recipe, out, overrides=overrides, dist=dist)
-        recipe = demo.materialise(recipe, out)
-    else:
-        check_inputs_exist(recipe)
+    check_inputs_exist(recipe)
     # Bad input fails here, before a new run folder exists.
-    setup = build_model(recipe, resolve_base(recipe.base, str(recipe.path)), device)
-    data = prepare(recipe, setup.tokenizer, setup.preprocess)
-    if not resume and not is_demo:
+    loaded = build_model(recipe, device)
+    data = prepare(recipe, loaded.tokenizer, loaded.preprocess)
+    if not resume:
         create_run_folder(recipe, out, overrides=overrides, dist=dist)
-    trainer = Trainer(recipe, out, setup, data, device, dist, demo=is_demo)
+    trainer = Trainer(recipe, out, loaded, data, device, dist)
     if dist.world > 1:  # the same start everywhere, whatever each process's init did
-        for _, p in trainable_params(setup.model):
+        for _, p in trainable_params(loaded.model):
             torch.distributed.broadcast(p.data, 0)
     if dist.main:
         for line in data.messages():
@@ -705,7 +639,7 @@ def print_summary(trainer: Trainer, seconds: float, tokens: int, steps: int) -> 
             last = losses[-max(1, len(losses) // 10):]
             table.add_row(f"{kind} loss", f"first {losses[0]:.3f}, last 10% mean {sum(last) / len(last):.3f} "
                                           f"({len(losses)} steps)")
-    counts = trainer.setup.counts
+    counts = count_params(checkpoint.meta_model(trainer.loaded.config))
     table.add_row("trainable", f"visual {counts['visual']:,}, language {counts['language']:,} "
                                f"(base {counts['base']:,} frozen)")
     table.add_row("chat", f"lav2 chat --model {trainer.out}")

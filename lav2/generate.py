@@ -14,23 +14,20 @@ the shared preamble) and the whole prompt is prefilled again.
 
 from __future__ import annotations
 
-import functools
-import logging
+import math
 import re
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from lav2.data import open_image
+from lav2 import fastpath
+from lav2.checkpoint import Loaded
 from lav2.errors import Lav2Error
+from lav2.images import ImageLike, load_image
 from lav2.prompts import STOP_STRINGS, Turn, render_prompt
 
 if TYPE_CHECKING:
-    from PIL import Image
-
-    from lav2.checkpoint import Loaded
     from lav2.model import LLaMAAdapter
 
 
@@ -47,12 +44,14 @@ class Sampling:
     seed: Optional[int] = None  # None: a fresh random seed per conversation
 
     def __post_init__(self):
+        # written as "not good" so that NaN, which fails every comparison, is refused too
         problems = [message for bad, message in (
-            (self.temperature < 0, "temperature must be >= 0 (0 is greedy)"),
+            (not (math.isfinite(self.temperature) and self.temperature >= 0), "temperature must be >= 0 (0 is greedy)"),
             (not 0 < self.top_p <= 1, "top-p must be in (0, 1]"),
-            (self.top_k < 0, "top-k must be >= 0 (0 is off)"),
-            (self.max_new_tokens < 1, "max-new-tokens must be >= 1"),
-            (self.repetition_penalty <= 0, "repetition-penalty must be > 0 (1 is off)"),
+            (not self.top_k >= 0, "top-k must be >= 0 (0 is off)"),
+            (not self.max_new_tokens >= 1, "max-new-tokens must be >= 1"),
+            (not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0),
+             "repetition-penalty must be > 0 (1 is off)"),
         ) if bad]
         if problems:
             raise Lav2Error("bad sampling settings: " + "; ".join(problems))
@@ -85,27 +84,23 @@ def sample(logits: torch.Tensor, *, temperature: float, top_p: float = 1.0, top_
 
 
 @torch.no_grad()
-def prefill(model: "LLaMAAdapter", tokens: torch.Tensor, start_pos: int,
-            images: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Run tokens (1, T) at positions start_pos ... into the cache; logits (V,) of the last one. Images go
+def prefill(model: "LLaMAAdapter", tokens: torch.Tensor, start_pos: int, images: Optional[torch.Tensor] = None, *,
+            image_mask: Optional[torch.Tensor] = None, pad: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Run tokens (B, T) at positions start_pos ... into the cache; logits (B, V) of the last one. Images go
     only with the forward that starts at position 0, which also caches the prompts' keys/values."""
-    return model(tokens, images, start_pos=start_pos)[0, -1]
+    return model(tokens, images, image_mask=image_mask, start_pos=start_pos, pad=pad)[:, -1]
 
 
 @torch.no_grad()
-def decode_one_token(model: "LLaMAAdapter", token: torch.Tensor, pos: int) -> torch.Tensor:
-    """Feed one token (1, 1) at position pos; logits (V,) for the next."""
-    return model(token, start_pos=pos)[0, -1]
+def decode_one_token(model: "LLaMAAdapter", token: torch.Tensor, pos: int,
+                     pad: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Feed one token per row (B, 1) at position pos; logits (B, V) for the next."""
+    return model(token, start_pos=pos, pad=pad)[:, -1]
 
 
-@functools.cache
-def compiled_decode_one_token() -> Callable:
-    """decode_one_token through torch.compile: the small operations between the matrix products (norms, RoPE,
-    attention, bias and scale) fuse into a few kernels. Compiled at the first call and once more at the second,
-    when the position becomes symbolic (tens of seconds on a CPU); one graph then serves every later token."""
-    # inductor's C++ build warns "No CUDA runtime is found" on every CPU-only machine, in the middle of an answer
-    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    return torch.compile(decode_one_token)
+def compiled_step(model: "LLaMAAdapter") -> Callable:
+    """decode_one_token through torch.compile (fastpath.compiled_decode_step): the first answer waits for it."""
+    return fastpath.compiled_decode_step(model, decode_one_token)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -129,7 +124,7 @@ def generate(model: "LLaMAAdapter", prompt_tokens: Sequence[int], *, images: Opt
     used only when that prefix is empty (they enter at position 0), so a caller that changes the image must clear
     `cached`. None: start from an empty cache. Stops after max_new_tokens or after yielding a stop id.
     vocab_size: sample among the first ids only, the tokenizer's (a checkpoint may pad its embedding rows).
-    step: decode_one_token, or compiled_decode_one_token().
+    step: decode_one_token, or compiled_step(model).
     """
     cached = [] if cached is None else cached
     max_len = model.cache_length()
@@ -145,7 +140,7 @@ def generate(model: "LLaMAAdapter", prompt_tokens: Sequence[int], *, images: Opt
         seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
         seen[torch.tensor(list(prompt_tokens), device=device)] = True
     new = torch.tensor(list(prompt_tokens[start:]), device=device)[None]
-    logits = prefill(model, new, start, images if start == 0 else None)
+    logits = prefill(model, new, start, images if start == 0 else None)[0]
     cached.extend(prompt_tokens[start:])
     stop = set(stop_ids)
     for pos in range(len(prompt_tokens), len(prompt_tokens) + max_new_tokens):
@@ -157,7 +152,7 @@ def generate(model: "LLaMAAdapter", prompt_tokens: Sequence[int], *, images: Opt
             return
         if seen is not None:
             seen[token] = True
-        logits = step(model, token.view(1, 1), pos)
+        logits = step(model, token.view(1, 1), pos)[0]
         cached.append(token_id)
 
 
@@ -215,13 +210,13 @@ class Conversation:
     `context` is text about the image from expert models (caption, OCR); it is given as the input of the first
     turn kept in the history, so it survives trimming. The history keeps to the context window: before a turn,
     the oldest turns are dropped until the prompt leaves room for the answer (`dropped` says how many).
-    compile: decode through compiled_decode_one_token (the first answer waits for the compilation).
+    compile: decode through compiled_step (the first answer waits for the compilation).
     """
 
-    def __init__(self, loaded: "Loaded", sampling: Sampling = Sampling(), *, style: Optional[str] = None,
+    def __init__(self, loaded: Loaded, sampling: Sampling = Sampling(), *, style: Optional[str] = None,
                  compile: bool = False):
         self.loaded, self.sampling = loaded, sampling
-        self._step = compiled_decode_one_token() if compile else decode_one_token
+        self._step = compiled_step(loaded.model) if compile else decode_one_token
         self.style = style or loaded.info.get("prompt_style", "chat")
         self.turns: list[Turn] = []
         self.image: Optional[torch.Tensor] = None  # (1, 3, H, W), preprocessed
@@ -236,13 +231,13 @@ class Conversation:
         else:
             self._generator.manual_seed(sampling.seed)
 
-    def set_image(self, image: Union[str, Path, "Image.Image", None], context: Optional[str] = None) -> None:
+    def set_image(self, image: Optional[ImageLike], context: Optional[str] = None) -> None:
         """Show the model this image (a path or a PIL image; None: no image) from the next turn on. The history
         stays; the whole conversation is prefilled again, since the image enters at position 0."""
         if image is not None and self.loaded.config.visual_len == 0:
             raise Lav2Error(f"{self.loaded.folder} is a text-only model (no visual branch): it cannot take an "
                             f"image; use a multimodal model folder, such as the one `lav2 download 7b` makes")
-        pixels = None if image is None else self.loaded.preprocess(open_image(image))[None].to(self._device)
+        pixels = None if image is None else load_image(image, self.loaded.preprocess)[None].to(self._device)
         self.image, self.context = pixels, context
         self._cached.clear()
 
@@ -282,7 +277,7 @@ class Conversation:
     def _render(self, turns: list[Turn]) -> list[int]:
         if self.context:
             turns = [replace(turns[0], input=self.context), *turns[1:]]
-        return self.loaded.tokenizer.encode(render_prompt(self.style, turns), bos=True)
+        return encode_dialog(self.loaded, turns, style=self.style)
 
     def _fit(self, turn: Turn) -> tuple[list[int], int]:
         """Prompt ids for the history plus `turn`, oldest turns dropped until room is left for the answer
@@ -312,7 +307,180 @@ class Conversation:
             self._cached.clear()
 
 
-def answer(loaded: "Loaded", prompt: str, image: Union[str, Path, "Image.Image", None] = None, *,
+def encode_dialog(loaded: Loaded, turns: Sequence[Turn], *, style: Optional[str] = None) -> list[int]:
+    """The prompt ids the model continues for these turns (the last one's assistant is None), as `lav2 chat`
+    feeds them, in the folder's prompt style unless `style` says otherwise."""
+    style = style or loaded.info.get("prompt_style", "chat")
+    return loaded.tokenizer.encode(render_prompt(style, list(turns)), bos=True)
+
+
+# --- batches -----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def generate_batch(model: "LLaMAAdapter", prompts: Sequence[Sequence[int]], *, sampling: Sequence[Sampling],
+                   images: Optional[torch.Tensor] = None, image_mask: Optional[torch.Tensor] = None,
+                   stop_ids: Sequence[int] = (), vocab_size: Optional[int] = None,
+                   cancelled: Callable[[int], bool] = lambda row: False,
+                   step: Callable = decode_one_token) -> Iterator[list[Optional[int]]]:
+    """Decode several prompts together through one KV cache: yields, for every step, each row's new token id
+    (None for a row that has finished). A row stops after its sampling.max_new_tokens, a stop id, or when
+    cancelled(row) turns true. The prompts are left-padded to one length (see LLaMAAdapter.forward's `pad`), so
+    each weight matrix is read once per step for all rows, and a greedy row gives what decoding it alone gives.
+    images (B, 3, H, W) with image_mask (B,) False where a row has none. Sets up the model's KV cache."""
+    B, device = len(prompts), model.tok_embeddings.weight.device
+    lengths = [len(p) for p in prompts]
+    longest, new = max(lengths), [s.max_new_tokens for s in sampling]
+    model.setup_cache(B, longest + max(new))
+    pad = torch.tensor([longest - n for n in lengths], device=device)
+    tokens = torch.zeros(B, longest, dtype=torch.long, device=device)
+    for row, prompt in enumerate(prompts):
+        tokens[row, longest - len(prompt):] = torch.tensor(list(prompt), device=device)
+    vocab_size = vocab_size or model.config.vocab_size
+    generators = [torch.Generator(device) for _ in sampling]
+    for generator, s in zip(generators, sampling):
+        if s.seed is None:
+            generator.seed()  # non-deterministic
+        else:
+            generator.manual_seed(s.seed)
+    seen = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
+    for row, prompt in enumerate(prompts):
+        seen[row, torch.tensor(list(prompt), device=device)] = True
+    logits = prefill(model, tokens, 0, images, image_mask=image_mask, pad=pad)  # (B, V)
+    stop, done, produced = set(stop_ids), [False] * B, [0] * B
+    try:
+        for pos in range(longest, longest + max(new)):
+            out: list[Optional[int]] = []
+            next_tokens = torch.zeros(B, 1, dtype=torch.long, device=device)
+            for row, s in enumerate(sampling):
+                if done[row] or cancelled(row):
+                    done[row] = True
+                    out.append(None)
+                    continue
+                token = sample(logits[row, :vocab_size], temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                               generator=generators[row], seen=seen[row], repetition_penalty=s.repetition_penalty)
+                next_tokens[row, 0] = token
+                seen[row, token] = True
+                token_id = int(token)
+                produced[row] += 1
+                done[row] = token_id in stop or produced[row] == new[row]
+                out.append(token_id)
+            yield out
+            if all(done):
+                return
+            logits = step(model, next_tokens, pos, pad)
+    finally:
+        model.clear_cache()
+
+
+@dataclass
+class Piece:
+    """Part of one row's answer in stream_batch: new settled text, and at the end why the row stopped."""
+
+    row: int
+    text: str
+    finish: Optional[str]  # None while the row runs; then "stop" (eos or a stop string), "length" or "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def stream_batch(loaded: Loaded, dialogs: Sequence[Sequence[Turn]], *,
+                 images: Optional[Sequence[Optional[ImageLike]]] = None,
+                 sampling: Union[Sampling, Sequence[Sampling]] = Sampling(), style: Optional[str] = None,
+                 cancelled: Callable[[int], bool] = lambda row: False) -> Iterator[Piece]:
+    """Answer several dialogs at once (generate_batch): yields Pieces as each row's text settles, and one
+    final Piece per row (finish set). Each dialog ends with a user turn; images: one per dialog or None. A prompt
+    and its max_new_tokens must fit the model's context (Lav2Error before anything runs). Rows that would not
+    fit one cache together (a long prompt beside a long answer) are decoded in groups, one after the other.
+    Not thread-safe: the model has one KV cache."""
+    sampling = [sampling] * len(dialogs) if isinstance(sampling, Sampling) else list(sampling)
+    images = list(images) if images is not None else [None] * len(dialogs)
+    if not len(dialogs) == len(sampling) == len(images):
+        raise ValueError("stream_batch: dialogs, images and sampling must have the same length")
+    if any(image is not None for image in images) and loaded.config.visual_len == 0:
+        raise Lav2Error(f"{loaded.folder} is a text-only model (no visual branch): it cannot take an image")
+    prompts = [encode_dialog(loaded, turns, style=style) for turns in dialogs]
+    limit = loaded.config.max_seq_len
+    for row, (prompt, s) in enumerate(zip(prompts, sampling)):
+        if len(prompt) + s.max_new_tokens > limit:
+            raise Lav2Error(f"dialog {row}: its prompt is {len(prompt)} tokens and {s.max_new_tokens} more are asked "
+                            f"for the answer, but the model's context is {limit} tokens; shorten it or ask for less")
+    pixels = [None if image is None else load_image(image, loaded.preprocess) for image in images]
+    for group in fitting_groups([len(p) for p in prompts], [s.max_new_tokens for s in sampling], limit):
+        yield from _stream_group(loaded, group, [prompts[i] for i in group], [pixels[i] for i in group],
+                                 [sampling[i] for i in group], style or loaded.info.get("prompt_style", "chat"),
+                                 cancelled)
+
+
+def fitting_groups(lengths: Sequence[int], new: Sequence[int], limit: int) -> list[list[int]]:
+    """Rows split, in order of prompt length, into groups whose longest prompt plus largest answer fit `limit`."""
+    groups: list[list[int]] = []
+    for row in sorted(range(len(lengths)), key=lambda r: lengths[r]):
+        group = groups[-1] if groups else None
+        if group is None or max(lengths[r] for r in group + [row]) + max(new[r] for r in group + [row]) > limit:
+            groups.append([row])
+        else:
+            group.append(row)
+    return groups
+
+
+def _stream_group(loaded: Loaded, rows: list[int], prompts: list[list[int]], pixels: list[Optional[torch.Tensor]],
+                  sampling: list[Sampling], style: str, cancelled: Callable[[int], bool]) -> Iterator[Piece]:
+    device = loaded.model.tok_embeddings.weight.device
+    images = image_mask = None
+    if any(p is not None for p in pixels):
+        shape = next(p for p in pixels if p is not None).shape
+        images = torch.stack([p if p is not None else torch.zeros(shape) for p in pixels]).to(
+            device, loaded.model.tok_embeddings.weight.dtype)
+        image_mask = torch.tensor([p is not None for p in pixels], device=device)
+    tokenizer = loaded.tokenizer
+    streams = [TextStream(tokenizer, STOP_STRINGS[style]) for _ in rows]
+    counts, finished = [0] * len(rows), [False] * len(rows)
+
+    def stop_row(i: int) -> bool:  # a stop string also ends a row
+        return finished[i] or cancelled(rows[i])
+
+    def final(i: int, reason: str) -> Piece:
+        finished[i] = True
+        return Piece(rows[i], streams[i].flush() if reason != "cancelled" else "", reason, len(prompts[i]), counts[i])
+
+    for step_tokens in generate_batch(loaded.model, prompts, sampling=sampling, images=images, image_mask=image_mask,
+                                      stop_ids=(tokenizer.eos_id,), vocab_size=tokenizer.vocab_size,
+                                      cancelled=stop_row):
+        for i, token_id in enumerate(step_tokens):
+            if finished[i]:
+                continue
+            if token_id is None:  # cancelled by the caller
+                yield final(i, "cancelled")
+                continue
+            counts[i] += 1
+            if token_id == tokenizer.eos_id:
+                yield final(i, "stop")
+                continue
+            piece = streams[i].push(token_id)
+            if piece:
+                yield Piece(rows[i], piece, None, len(prompts[i]), counts[i])
+            if streams[i].stopped:
+                yield final(i, "stop")
+            elif counts[i] == sampling[i].max_new_tokens:
+                yield final(i, "length")
+    for i in range(len(rows)):
+        if not finished[i]:  # generate_batch ended (every row done) before its final piece was due
+            yield final(i, "cancelled" if cancelled(rows[i]) else "length")
+
+
+def answer_batch(loaded: Loaded, dialogs: Sequence[Sequence[Turn]], *,
+                 images: Optional[Sequence[Optional[ImageLike]]] = None,
+                 sampling: Union[Sampling, Sequence[Sampling]] = Sampling(temperature=0),
+                 style: Optional[str] = None) -> list[str]:
+    """The answers to several dialogs, decoded together (stream_batch); greedy by default."""
+    texts = [""] * len(dialogs)
+    for piece in stream_batch(loaded, dialogs, images=images, sampling=sampling, style=style):
+        texts[piece.row] += piece.text
+    return [t.strip() for t in texts]
+
+
+def answer(loaded: Loaded, prompt: str, image: Optional[ImageLike] = None, *,
            stream: bool = False, **sampling) -> Union[str, Iterator[str]]:
     """One turn, through the same code path as `lav2 chat`: the answer text, or its pieces with stream=True.
     sampling: the fields of Sampling (temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed)."""
@@ -321,3 +489,11 @@ def answer(loaded: "Loaded", prompt: str, image: Union[str, Path, "Image.Image",
         conversation.set_image(image)
     pieces = conversation.ask(prompt)
     return pieces if stream else "".join(pieces)
+
+
+@dataclass
+class Model(Loaded):
+    """What lav2.load returns: a loaded folder that answers (`generate`) as `lav2 chat` does."""
+
+    def generate(self, prompt: str, image: Optional[ImageLike] = None, **sampling) -> Union[str, Iterator[str]]:
+        return answer(self, prompt, image=image, **sampling)

@@ -22,7 +22,6 @@ This file holds no file paths, tokenizer or sampling; see checkpoint.py, tokeniz
 from __future__ import annotations
 
 import math
-import mmap
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
@@ -132,11 +131,18 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        """A config from JSON: unknown keys and values of the wrong type are a ValueError naming the key."""
+        if not isinstance(d, dict):
+            raise ValueError(f"the config must be a mapping, not {type(d).__name__}")
+        types = {f.name: f.type for f in fields(cls)}  # strings: this module uses postponed annotations
+        unknown = sorted(set(d) - set(types))
         if unknown:
             raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+        for key, value in d.items():
+            if not _fits(types[key], value):
+                raise ValueError(f"config key {key!r} must be {types[key]}, not {value!r}")
         return cls(**d)
+
 
     def base(self) -> "Config":
         """The same LLaMA with nothing added."""
@@ -154,6 +160,19 @@ class Config:
         if layout.fusion == "early" and layout.visual_len:
             layers["adapter_layers"] = min(layers["adapter_layers"], self.n_layers - layers["visual_layers"])
         return replace(layout, **{f: getattr(self, f) for f in base_fields}, **layers)
+
+
+def _fits(annotation: str, value) -> bool:
+    """Whether a JSON value fits one of Config's annotations (int, float, str, bool, tuple[str, ...], Optional)."""
+    if annotation.startswith("Optional["):
+        return value is None or _fits(annotation[len("Optional["):-1], value)
+    if annotation == "tuple[str, ...]":
+        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if annotation == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, {"int": int, "str": str}[annotation]) and not isinstance(value, bool)
 
 
 LLAMA_7B = dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, norm_eps=1e-6)
@@ -216,9 +235,9 @@ def precompute_freqs_cis(head_dim: int, max_len: int, theta: float, device=None)
 
 
 def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of x (B, T, H, D) by freqs_cis (T, D/2, 2)."""
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of x (B, T, H, D) by freqs_cis (T or B, T, D/2, 2)."""
     pairs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, D/2, 2)
-    cos, sin = freqs_cis[:, None, :, 0], freqs_cis[:, None, :, 1]  # (T, 1, D/2)
+    cos, sin = freqs_cis[..., None, :, 0], freqs_cis[..., None, :, 1]  # (T or B, T, 1, D/2)
     real = pairs[..., 0] * cos - pairs[..., 1] * sin
     imag = pairs[..., 0] * sin + pairs[..., 1] * cos
     return torch.stack([real, imag], dim=-1).flatten(-2).type_as(x)
@@ -240,35 +259,42 @@ def fold_linear(weight, bias=None, scale=None, lora_a=None, lora_b=None) -> tupl
 class AdapterLinear(nn.Module):
     """A frozen linear W with the trainable extras of bias tuning: y = scale * (W x + bias + B(A x)).
 
-    `quantized`, when set (8-bit or int8 weight-only), replaces W's matmul; `weight` is then dropped.
+    `frozen(x)` computes W x and is all that a speed or memory variant replaces (see fastpath.py, which swaps
+    in int8 and 8-bit subclasses at load time); the extras are the same parameters in every variant.
     """
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, scale: bool, lora_rank: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.scale = nn.Parameter(torch.ones(out_features)) if scale else None
+        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self.scale = nn.Parameter(torch.empty(out_features)) if scale else None
         self.lora_a = nn.Parameter(torch.empty(lora_rank, in_features)) if lora_rank else None
-        self.lora_b = nn.Parameter(torch.zeros(out_features, lora_rank)) if lora_rank else None
-        if lora_rank:  # A random, B zero: LoRA starts as a no-op (nn.Linear's own init for A, as the release)
+        self.lora_b = nn.Parameter(torch.empty(out_features, lora_rank)) if lora_rank else None
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The extras' initial values, which leave the linear equal to W: bias 0, scale 1, LoRA's B 0 (A random,
+        nn.Linear's own init, as the release). W is not touched: it comes from the base checkpoint."""
+        for p, value in ((self.bias, 0.0), (self.scale, 1.0), (self.lora_b, 0.0)):
+            if p is not None:
+                p.fill_(value)
+        if self.lora_a is not None:
             nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
-        self.quantized: Optional[nn.Module] = None
+
+    def frozen(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
 
     def project_prompt(self, x: torch.Tensor) -> torch.Tensor:
         """scale * (W x), without bias and LoRA: how a prompt becomes keys and values. The release projects
         prompts with the bare W (its LoRA and biases sit outside); leaving the bias out keeps a zero prompt inert,
         and keeping the scale lets merge fold it into W exactly."""
-        y = self.quantized(x) if self.quantized is not None else F.linear(x, self.weight)
+        y = self.frozen(x)
         return y if self.scale is None else y * self.scale.to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.quantized is not None:
-            return self.around(x, self.quantized(x))
-        return self.around(x, F.linear(x, self.weight, self.bias), bias_added=True)  # one fused kernel
-
-    def around(self, x: torch.Tensor, y: torch.Tensor, *, bias_added: bool = False) -> torch.Tensor:
-        """The extras around y = W x: scale * (y + bias + B(A x)) (bias_added: y already holds the bias)."""
-        if self.bias is not None and not bias_added:
+        y = self.frozen(x)
+        if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         if self.lora_a is not None:
             y = y + F.linear(F.linear(x, self.lora_a), self.lora_b)
@@ -279,11 +305,9 @@ class AdapterLinear(nn.Module):
     @torch.no_grad()
     def fold_(self, *, lora: bool = True) -> None:
         """Fold scale (and LoRA, unless lora=False) into W and bias (see fold_linear)."""
-        if self.quantized is not None:
-            raise ValueError("cannot fold into a quantized weight: fold the float model, then quantize")
         lora_a, lora_b = (self.lora_a, self.lora_b) if lora else (None, None)
         weight, bias = fold_linear(self.weight, self.bias, self.scale, lora_a, lora_b)
-        self.weight.copy_(weight)  # in place: the weight may be a view of a stacked matrix (decode_layout_)
+        self.weight.copy_(weight)  # in place: the weight keeps the storage the loader chose (fastpath)
         if bias is not None:
             self.bias.data = bias
         self.scale = None
@@ -291,7 +315,7 @@ class AdapterLinear(nn.Module):
             self.lora_a = self.lora_b = None
 
     def extra_repr(self) -> str:
-        out_features, in_features = self.weight.shape if self.weight is not None else ("?", "?")
+        out_features, in_features = self.weight.shape
         return (f"{in_features} -> {out_features}, bias={self.bias is not None}, scale={self.scale is not None}, "
                 f"lora_rank={0 if self.lora_a is None else self.lora_a.shape[0]}")
 
@@ -302,23 +326,15 @@ def adapter_linear(config: Config, name: str, fan_in: int, fan_out: int) -> Adap
                          lora_rank=config.lora_rank if name in config.lora_targets else 0)
 
 
-def project(x: torch.Tensor, linears: tuple[AdapterLinear, ...], stacked: Optional[torch.Tensor]) -> list[torch.Tensor]:
-    """Each of `linears` applied to the same x. With `stacked`, the matrix whose row blocks their weights are
-    (decode_layout_), one matrix product computes all their W x: one large read streams faster than several."""
-    if stacked is None:
-        return [linear(x) for linear in linears]
-    ys = F.linear(x, stacked).split([linear.weight.shape[0] for linear in linears], dim=-1)
-    return [linear.around(x, y) for linear, y in zip(linears, ys)]
-
-
 # --- 3. KV cache -------------------------------------------------------------------------------------------
 
 
 class KVCache(nn.Module):
-    """Keys and values of the tokens seen so far, plus the keys/values of this layer's prompt.
+    """Keys and values of the tokens seen so far, and of this layer's prompt.
 
-    The prompt's keys/values depend only on the prompt (learned tokens and the image), so they are computed
-    once per conversation, at the forward that starts at position 0, and reused for every later token.
+    The prompt's keys/values depend only on the prompt (learned tokens and the image), so the forward that
+    starts a sequence (position 0) computes them and stores them here (`prompt_kv`, None for no prompt); every
+    later forward of that sequence reads them from here.
     """
 
     def __init__(self, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, *, dtype, device):
@@ -326,8 +342,7 @@ class KVCache(nn.Module):
         shape = (batch_size, n_kv_heads, max_len, head_dim)
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.prompt_k: Optional[torch.Tensor] = None  # (B or 1, K, P, D)
-        self.prompt_v: Optional[torch.Tensor] = None
+        self.prompt_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (B or 1, K, P, D) each
 
     def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, K, T, D) at positions start_pos ... start_pos + T - 1; return the cache up to there."""
@@ -336,13 +351,18 @@ class KVCache(nn.Module):
         self.v_cache[:B, :, start_pos:end] = v
         return self.k_cache[:B, :, :end], self.v_cache[:B, :, :end]
 
-    def reset(self) -> None:
-        self.k_cache.zero_()
-        self.v_cache.zero_()
-        self.prompt_k = self.prompt_v = None
-
 
 # --- 4. Transformer layers ---------------------------------------------------------------------------------
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+              causal: bool = False) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v for q (B, H, T, D) and k, v (B, K, S, D), each K/V head shared by H/K query
+    heads; mask (B or 1, 1, T, S) bool: True where a query may attend."""
+    H, K = q.shape[1], k.shape[1]
+    if K != H:  # grouped-query attention
+        k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
 
 
 class Attention(nn.Module):
@@ -356,77 +376,55 @@ class Attention(nn.Module):
             setattr(self, name, adapter_linear(config, name, fan_in, fan_out))
         # Every layer of an adapter model owns a gate, as the release does (its files hold one per layer);
         # a layer that receives no prompt never reads its gate and param_groups leaves it frozen.
-        self.gate = nn.Parameter(torch.zeros(1, config.n_heads, 1, 1)) if config.has_prompts else None
-        self.new_gate = nn.Parameter(torch.ones(1, 1, 1, 1)) if config.new_gate else None
+        self.gate = nn.Parameter(torch.empty(1, config.n_heads, 1, 1)) if config.has_prompts else None
+        self.new_gate = nn.Parameter(torch.empty(1, 1, 1, 1)) if config.new_gate else None
         self.kv_cache: Optional[KVCache] = None
-        self.wqkv: Optional[torch.Tensor] = None  # wq, wk, wv stacked for decoding (decode_layout_)
+        self.attend = attention  # the attention kernel: fastpath swaps in a fused one for compiled decoding
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Gates start closed (tanh(0) = 0: the prompts add nothing) and new_gate at 1, as the release."""
+        if self.gate is not None:
+            self.gate.zero_()
+        if self.new_gate is not None:
+            self.new_gate.fill_(1.0)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: Optional[int] = None,
-                prompt: Optional[torch.Tensor] = None) -> torch.Tensor:
+                prompt: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = project(x, (self.wq, self.wk, self.wv), self.wqkv)
-        q = q.view(B, T, self.n_heads, self.head_dim)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary_emb(q, freqs_cis), apply_rotary_emb(k, freqs_cis)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H or K, T, D)
 
+        prompt_kv = None if prompt is None else self.prompt_kv(prompt, B)
         if start_pos is None:  # training or a plain forward: the whole sequence at once
-            out = self._attend(q, k, v, causal=True)
+            out = self.attend(q, k, v, mask, causal=True)
         else:  # KV-cache inference: T new tokens at positions start_pos ...
             k, v = self.kv_cache.update(start_pos, k, v)  # (B, K, S, D)
-            mask = None
-            if T > 1:  # several new tokens: each sees the cache up to its own position
+            if start_pos == 0:
+                self.kv_cache.prompt_kv = prompt_kv
+            prompt_kv = self.kv_cache.prompt_kv
+            if mask is None and T > 1:  # several new tokens: each sees the cache up to its own position
                 mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(start_pos)  # (T, S)
-            out = self._attend(q, k, v, mask=mask)
+            out = self.attend(q, k, v, mask)
 
-        prompt_kv = self._prompt_kv(prompt, B)
         if prompt_kv is not None:
             # The prompt gets its own softmax (no mask, no RoPE), scaled by the zero-initialised tanh(gate).
-            prompt_out = self._attend(q, *prompt_kv) * self.gate.tanh().to(q.dtype)  # (B, H, T, D)
+            prompt_out = self.attend(q, *prompt_kv) * self.gate.tanh().to(q.dtype)  # (B, H, T, D)
             if self.new_gate is not None:
                 prompt_out = prompt_out * self.new_gate.to(q.dtype)
             out = out + prompt_out
         return self.wo(out.transpose(1, 2).reshape(B, T, C))
 
-    def _prompt_kv(self, prompt: Optional[torch.Tensor], batch: int):
-        """Keys/values of the prompt (see AdapterLinear.project_prompt); cached when decoding with a KV cache."""
-        if prompt is None:
-            return None if self.kv_cache is None or self.kv_cache.prompt_k is None else (
-                self.kv_cache.prompt_k, self.kv_cache.prompt_v)
+    def prompt_kv(self, prompt: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values (B, K, P, D) of the prompt tokens (B or 1, P, C) (see AdapterLinear.project_prompt)."""
         Bp, P, C = prompt.shape
-        pk = self.wk.project_prompt(prompt).view(Bp, P, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (Bp, K, P, D)
+        pk = self.wk.project_prompt(prompt).view(Bp, P, self.n_kv_heads, self.head_dim).transpose(1, 2)
         pv = self.wv.project_prompt(prompt).view(Bp, P, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        pk, pv = pk.expand(batch, -1, -1, -1), pv.expand(batch, -1, -1, -1)
-        if self.kv_cache is not None and not torch.is_grad_enabled():
-            self.kv_cache.prompt_k, self.kv_cache.prompt_v = pk, pv
-        return pk, pv
-
-    def _attend(self, q, k, v, *, causal: bool = False, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if q.shape[2] == 1 and mask is None and q.device.type == "cpu" and torch.compiler.is_compiling():
-            return single_query_attention(q, k, v)
-        if self.n_kv_heads != self.n_heads:  # grouped-query attention: share each K/V head among H/K heads
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and q.shape[2] > 1)
-
-
-def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v for one query per head (a decode step): q (B, H, 1, D), k and v (B, K, S, D).
-
-    Products and sums, which share each key/value head among its H/K query heads without copying it, and which
-    torch.compile fuses into loops that read the cache once. On the CPU, SDPA's kernel costs ~100 us a call for
-    one query and streams a long cache at about 7 GB/s; with this, a compiled `mid` decode step is 2% faster at 60
-    cached positions and 7-10% at 900-950 (this project's CPU, 2026-11). Run eagerly, it is no faster
-    than SDPA (each product is written out whole), so eager decoding keeps SDPA.
-    """
-    B, H, _, D = q.shape
-    K = k.shape[1]
-    q = q.view(B, K, H // K, 1, D)
-    k, v = k[:, :, None], v[:, :, None]  # (B, K, 1, S, D)
-    scores = (q * k).sum(-1, keepdim=True) * D ** -0.5  # (B, K, H/K, S, 1)
-    out = (scores.softmax(dim=-2) * v).sum(-2, keepdim=True)  # (B, K, H/K, 1, D)
-    return out.view(B, H, 1, D)
+        return pk.expand(batch, -1, -1, -1), pv.expand(batch, -1, -1, -1)
 
 
 class FeedForward(nn.Module):
@@ -436,11 +434,9 @@ class FeedForward(nn.Module):
                       w3=(config.dim, config.hidden_dim))
         for name, (fan_in, fan_out) in shapes.items():
             setattr(self, name, adapter_linear(config, name, fan_in, fan_out))
-        self.w13: Optional[torch.Tensor] = None  # w1 and w3 stacked for decoding (decode_layout_)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(x, (self.w1, self.w3), self.w13)
-        return self.w2(F.silu(gate) * up)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class TransformerBlock(nn.Module):
@@ -451,8 +447,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x, freqs_cis, start_pos=None, prompt=None):
-        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, prompt)
+    def forward(self, x, freqs_cis, start_pos=None, prompt=None, mask=None):
+        h = x + self.attention(self.attention_norm(x), freqs_cis, start_pos, prompt, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -522,12 +518,18 @@ class VisualBranch(nn.Module):
         self.clip: Optional[nn.Module] = None  # frozen open_clip tower, attached by the loader
         self.clip_proj = nn.Linear(config.clip_dim, config.visual_dim)
         self.clip_proj_norm = nn.LayerNorm(config.visual_dim)
-        self.visual_query = nn.Parameter(torch.randn(config.visual_len, config.visual_dim) * 0.02)
+        self.visual_query = nn.Parameter(torch.empty(config.visual_len, config.visual_dim))
         self.visual_blocks = nn.ModuleList(
             VisualBlock(config.visual_dim, config.visual_heads, config.visual_mlp_ratio)
             for _ in range(config.visual_depth))
         self.visual_proj = nn.Linear(config.visual_dim, config.dim)
         self.visual_proj_norm = nn.LayerNorm(config.dim)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The learned queries as the release draws them; the linears and norms init themselves."""
+        nn.init.normal_(self.visual_query, std=0.02)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.clip is None:
@@ -556,13 +558,19 @@ class LLaMAAdapter(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         for frozen in (self.tok_embeddings.weight, self.output.weight):
             frozen.requires_grad_(False)
-        self.adapter_query = (nn.Parameter(torch.randn(config.adapter_layers, config.adapter_len, config.dim) * 0.02)
+        self.adapter_query = (nn.Parameter(torch.empty(config.adapter_layers, config.adapter_len, config.dim))
                               if config.adapter_layers and config.adapter_len else None)
         self.visual = VisualBranch(config) if config.visual_len else None
         # non-persistent: rebuilt, not loaded (after a meta-device build call init_rope)
         self.register_buffer("freqs_cis", precompute_freqs_cis(config.head_dim, config.max_seq_len,
                                                                config.rope_theta), persistent=False)
         self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.adapter_query is not None:
+            nn.init.normal_(self.adapter_query, std=0.02)
 
     def init_rope(self, device=None) -> None:
         c = self.config
@@ -602,13 +610,17 @@ class LLaMAAdapter(nn.Module):
         return prompts
 
     def forward(self, tokens: torch.Tensor, images: Optional[torch.Tensor] = None, *,
-                image_mask: Optional[torch.Tensor] = None, start_pos: Optional[int] = None) -> torch.Tensor:
+                image_mask: Optional[torch.Tensor] = None, start_pos: Optional[int] = None,
+                pad: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits (B, T, V) in float32 for tokens (B, T).
 
         images (B, 3, H, W): preprocessed images; rows where image_mask (B,) is False get no visual prompt.
         start_pos: decode with the KV cache (see setup_cache), the tokens at positions start_pos ... start_pos + T - 1
-        (a Python int, as Meta's: no host sync, and torch.compile traces it). The prompts are computed by the
-        forward that starts at position 0 and cached for the later ones.
+        (a Python int, as Meta's: no host sync, and torch.compile traces it). The forward that starts at position
+        0 computes the prompts and leaves their keys/values in the cache for the later ones.
+        pad (B,): how many left-padding tokens each row starts with (a batch of prompts of different lengths):
+        they are attended by no one, and each row counts its positions from its first real token, so a row
+        computes what it would alone (RoPE reaches the prompts, which have no positions of their own).
         """
         B, T = tokens.shape
         if start_pos is not None:
@@ -617,7 +629,6 @@ class LLaMAAdapter(nn.Module):
             if start_pos + T > self.cache_length():
                 raise ValueError(f"positions {start_pos}..{start_pos + T - 1} do not fit the KV cache "
                                  f"({self.cache_length()} positions): call setup_cache")
-        drop_stale_stacks_(self)
         starts_sequence = start_pos is None or start_pos == 0
         if images is not None and not starts_sequence:
             raise ValueError("images can only be given to the forward that starts at position 0")
@@ -635,7 +646,13 @@ class LLaMAAdapter(nn.Module):
 
         h = self.tok_embeddings(tokens)  # (B, T, C)
         start = start_pos or 0
-        freqs_cis = self.freqs_cis[start:start + T]  # (T, D/2, 2)
+        freqs_cis, mask = self.freqs_cis[start:start + T], None  # (T, D/2, 2)
+        if pad is not None:
+            query_pos = torch.arange(start, start + T, device=tokens.device)  # (T,)
+            freqs_cis = self.freqs_cis[(query_pos[None] - pad[:, None]).clamp(min=0)]  # (B, T, D/2, 2)
+            key_pos = torch.arange(start + T, device=tokens.device)  # (S,)
+            mask = (key_pos >= pad[:, None, None]) & (key_pos <= query_pos[:, None])  # (B, T, S)
+            mask = (mask | (key_pos == query_pos[:, None]))[:, None]  # (B, 1, T, S): a pad token sees itself
         for i, layer in enumerate(self.layers):
             prompt = prompts.get(i)
             if prompt is not None:
@@ -644,9 +661,9 @@ class LLaMAAdapter(nn.Module):
                 # Reentrant: the block runs under no_grad, so nothing in it is kept (non-reentrant keeps the graph,
                 # and bitsandbytes 8-bit stashes every matmul input on it); it needs an input that requires grad.
                 h = checkpoint(layer, h if h.requires_grad else h.detach().requires_grad_(), freqs_cis, start_pos,
-                               prompt, use_reentrant=True)
+                               prompt, mask, use_reentrant=True)
             else:
-                h = layer(h, freqs_cis, start_pos, prompt)
+                h = layer(h, freqs_cis, start_pos, prompt, mask)
         return self.output(self.norm(h)).float()  # (B, T, V)
 
 
@@ -689,21 +706,40 @@ def mark_trainable(model: LLaMAAdapter, groups: tuple[str, ...] = ("visual", "la
                 p.requires_grad_(True)
 
 
+EXTRAS = ("bias", "scale", "lora_a", "lora_b")  # what bias tuning adds to a linear
+
+
 def base_parameter_names(model: LLaMAAdapter) -> set[str]:
-    """The frozen LLaMA matrices: embeddings, every AdapterLinear's weight, the output head."""
-    names = {"tok_embeddings.weight", "output.weight"}
-    for i, layer in enumerate(model.layers):
-        names |= {f"layers.{i}.{n}.weight" for n, m in layer.named_modules() if isinstance(m, AdapterLinear)}
+    """The state dict keys of the frozen LLaMA matrices: embeddings, each block linear's W (in whatever form a
+    fastpath variant stores it), the output head."""
+    names = set()
+    for prefix, module in model.named_modules():
+        if prefix in ("tok_embeddings", "output") or isinstance(module, AdapterLinear):
+            names |= {f"{prefix}.{k}" for k in module.state_dict() if k not in EXTRAS}
     return names
 
 
 def adapter_state_dict(model: LLaMAAdapter) -> dict[str, torch.Tensor]:
-    """Everything but the frozen LLaMA matrices (float or quantized) and CLIP: what an adapter file stores
-    (norms included)."""
-    frozen = tuple(f"{n}.quantized." for n, m in model.named_modules() if isinstance(m, AdapterLinear)) + (
-        "visual.clip.",)
+    """Everything but the frozen LLaMA matrices and CLIP: what an adapter file stores (norms included)."""
     base = base_parameter_names(model)
-    return {n: t for n, t in model.state_dict().items() if n not in base and not n.startswith(frozen)}
+    return {n: t for n, t in model.state_dict().items() if n not in base and not n.startswith("visual.clip.")}
+
+
+@torch.no_grad()
+def init_adapters_(model: LLaMAAdapter, *, device, seed: int) -> None:
+    """Give every tensor still on the meta device (after the base weights were assigned: the adapter's) its
+    initial value from `seed`, on `device`, in float32: the model then equals its base exactly."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for module in model.modules():
+            meta = [(n, p) for n, p in module.named_parameters(recurse=False) if p.is_meta]
+            for name, p in meta:
+                setattr(module, name, nn.Parameter(torch.empty(p.shape, device=device), requires_grad=p.requires_grad))
+            if meta and hasattr(module, "reset_parameters"):
+                module.reset_parameters()  # every reset_parameters touches only adapter tensors
+    finally:
+        torch.random.set_rng_state(generator_state)
 
 
 # LoRA on these cannot fold into W: the prompts are projected by the bare W (see AdapterLinear.project_prompt)
@@ -722,98 +758,6 @@ def fold_adapters_(model: LLaMAAdapter) -> None:
         if isinstance(module, AdapterLinear):
             module.fold_(lora=name.rsplit(".", 1)[-1] not in PROMPT_LINEARS)
     model.config = merged_config(model.config)
-
-
-def decode_layout(weight: torch.Tensor) -> torch.Tensor:
-    """A (out, in) weight with the same shape and values, stored the way a matrix-vector product streams it
-    fastest. For float32 on the CPU that is (in, out)-contiguous, on huge pages: MKL's kernel for x @ W with W
-    contiguous streams it 15-25% faster than PyTorch's usual (out, in) storage (measured on this project's CPU,
-    2026-11). bfloat16 gets slower and GPUs do not care, so everything else stays as it is."""
-    if not decode_layout_applies(weight):
-        return weight
-    stored = empty_on_huge_pages(weight.shape[1], weight.shape[0])
-    stored.copy_(weight.t())
-    return stored.t()
-
-
-def empty_on_huge_pages(rows: int, cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """An uninitialised (rows, cols) CPU tensor in a memory mapping of its own that asks Linux for 2 MiB pages
-    (madvise MADV_HUGEPAGE; transparent huge pages are opt-in on most systems). A streamed matrix on 4 KiB pages
-    misses the TLB every 4 KiB: on this project's CPU the products of a `mid` decode step ran 8% faster on huge
-    pages, a 16 MiB matrix 16%, int8 decode 4%. Plain torch.empty where the platform has no such advice."""
-    if not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.empty(rows, cols, dtype=dtype)
-    memory = mmap.mmap(-1, rows * cols * dtype.itemsize, flags=mmap.MAP_PRIVATE)  # unmapped with its last view
-    try:
-        memory.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:  # a kernel built without transparent huge pages: the mapping works without them
-        pass
-    return torch.frombuffer(memory, dtype=dtype).view(rows, cols)
-
-
-def decode_layout_applies(weight: Optional[torch.Tensor]) -> bool:
-    """Whether decode_layout changes how this weight is stored (float32 on the CPU)."""
-    return weight is not None and weight.device.type == "cpu" and weight.dtype == torch.float32
-
-
-def stack_for_decode(*linears: AdapterLinear) -> Optional[torch.Tensor]:
-    """The weights of linears that read the same input, stacked into one (sum of outs, in) matrix in
-    decode_layout, each linear's weight becoming a view of its rows (values unchanged). None, and nothing
-    changed, where decode_layout would change nothing or a linear is quantized."""
-    if not all(decode_layout_applies(linear.weight) and linear.quantized is None for linear in linears):
-        return None
-    in_features = linears[0].weight.shape[1]
-    stacked = empty_on_huge_pages(in_features, sum(linear.weight.shape[0] for linear in linears)).t()  # (outs, in)
-    start = 0
-    for linear in linears:
-        rows = linear.weight.shape[0]
-        stacked[start:start + rows] = linear.weight
-        linear.weight.data = stacked[start:start + rows]
-        start += rows
-    return stacked
-
-
-def stackable(model: LLaMAAdapter):
-    """(module, attribute, linears): where decode_layout_ keeps each stack, and the linears that share its input."""
-    for layer in model.layers:
-        attention, feed_forward = layer.attention, layer.feed_forward
-        yield attention, "wqkv", (attention.wq, attention.wk, attention.wv)
-        yield feed_forward, "w13", (feed_forward.w1, feed_forward.w3)
-
-
-@torch.no_grad()
-def decode_layout_(model: LLaMAAdapter) -> None:
-    """Store the matrices a decode step reads as decoding streams them fastest on this device: decode_layout,
-    and the linears that share an input (wq, wk, wv; w1, w3) stacked into one matrix, which one product reads
-    5-6% faster than three (a `mid` decode step, same CPU). State dict keys, shapes and values do not change;
-    fold_adapters_ keeps working (in place), and quantizing drops the stacks (unstack_)."""
-    for module, attribute, linears in stackable(model):
-        setattr(module, attribute, stack_for_decode(*linears))
-    for layer in model.layers:
-        for linear in (layer.attention.wo, layer.feed_forward.w2):
-            if linear.weight is not None:
-                linear.weight.data = decode_layout(linear.weight.data)
-    if isinstance(model.output, nn.Linear):
-        model.output.weight.data = decode_layout(model.output.weight.data)
-
-
-def unstack_(model: LLaMAAdapter) -> None:
-    """Forget the stacked matrices of decode_layout_ (each weight keeps its rows), e.g. before quantizing."""
-    for module, attribute, _ in stackable(model):
-        setattr(module, attribute, None)
-
-
-@torch.compiler.disable  # storage pointers cannot be traced: this runs eagerly, before the compiled blocks
-def drop_stale_stacks_(model: LLaMAAdapter) -> None:
-    """A stack serves only while its linears' weights are still views of it: a deepcopy, `.to()` or a replaced
-    weight ends that. Then drop it (each linear runs alone: correct, a little slower)."""
-    for module, attribute, linears in stackable(model):
-        stacked = getattr(module, attribute)
-        if stacked is not None and not all(
-                linear.weight is not None
-                and linear.weight.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
-                for linear in linears):
-            setattr(module, attribute, None)
 
 
 def count_params(model: LLaMAAdapter) -> dict[str, int]:

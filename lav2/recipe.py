@@ -2,8 +2,7 @@
 
 The schema is the dataclass tree below; `_build` walks it generically, so a field added to a dataclass is
 parsed, type-checked and listed in "did you mean" suggestions with no other change. Every error names the
-recipe file and line (or the `--set` argument it came from). Two fields are opaque escape hatches stored as
-plain dicts for the demo: `base: {demo: {...}}` and `generate_data: {...}`; their owner (finetune) checks them.
+recipe file and line (or the `--set` argument it came from).
 """
 
 from __future__ import annotations
@@ -87,13 +86,12 @@ class Train:
 
 @dataclass(frozen=True)
 class Recipe:
-    base: str | dict  # registry name ("7b", "llama-7b"), a model folder (made absolute), or {demo: {...}}
+    base: str  # registry name ("7b", "llama-7b") or a model folder (made absolute)
     layout: str = "paper-7b"  # a preset name of lav2.model.PRESETS
     prompt_style: Literal["alpaca", "chat"] = "alpaca"  # the template training uses; chat must use the same
     data: Data = Data()
     train: Train = Train()
     output: Path | None = None  # default: runs/<recipe name> under the current folder
-    generate_data: dict | None = None  # opaque: the demo recipe's data generator settings
     path: Path = field(default=Path("recipe.yaml"), metadata={"internal": True})  # the recipe file itself
 
 
@@ -136,6 +134,12 @@ def _type_name(tp: object) -> str:
             Path: "a path string", type(None): "null"}.get(tp, str(tp))
 
 
+def _shape_matches(tp: object, value: object) -> bool:
+    """Whether `value` has the shape of a schema type that the walker descends into."""
+    return ((dataclasses.is_dataclass(tp) and isinstance(value, dict))
+            or (typing.get_origin(tp) is tuple and isinstance(value, list)))
+
+
 def _convert(tp: object, value: object, where: str, key: str, base_dir: Path) -> object:
     """Check `value` against the type hint `tp` and convert it; raise a one-line Lav2Error otherwise."""
     origin = typing.get_origin(tp)
@@ -148,7 +152,10 @@ def _convert(tp: object, value: object, where: str, key: str, base_dir: Path) ->
                 try:
                     return _convert(option, value, where, key, base_dir)
                 except Lav2Error:
-                    continue
+                    # A mapping or list given where a schema expects one: its own error (an unknown key, a wrong
+                    # type further down) says more than "must be a mapping or null".
+                    if _shape_matches(option, value):
+                        raise
         expected = " or ".join(_type_name(o) for o in options)
         raise Lav2Error(f"{where}: {key} must be {expected}, not {value!r}")
     if origin is Literal:
@@ -197,7 +204,7 @@ def _build(cls: type, mapping: dict, prefix: str, base_dir: Path):
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(fields)}"
-            raise Lav2Error(f"{where}: unknown key {name!r}; {hint}")
+            raise Lav2Error(f"{where}: unknown key {str(key)!r}{f' in {prefix}' if prefix else ''}; {hint}")
         kwargs[key] = _convert(hints[key], value, where, name, base_dir)
     missing = [n for n, f in fields.items()
                if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -286,7 +293,7 @@ def _check(recipe: Recipe, raw: _Map) -> Recipe:
             if source.format == "coco" and source.image_root is None:
                 raise Lav2Error(f"{at}: a coco source needs image_root (the folder of its images, "
                                 f"e.g. data/coco/train2014)")
-    if not recipe.data.instruction and not recipe.data.caption and recipe.generate_data is None:
+    if not recipe.data.instruction and not recipe.data.caption:
         raise Lav2Error(f"{recipe.path}: data has no instruction or caption sources; add data.instruction "
                         f"(e.g. '- {{path: data/alpaca_data.json, format: alpaca}}'), see recipes/README.md")
     ratio = t.caption_ratio
@@ -294,8 +301,7 @@ def _check(recipe: Recipe, raw: _Map) -> Recipe:
         ratio = 0.5 if recipe.data.caption and recipe.data.instruction else float(bool(recipe.data.caption))
     elif not 0 <= ratio <= 1:
         raise Lav2Error(f"{where('train', 'caption_ratio')} is {ratio}; it is a fraction of steps, from 0 to 1")
-    elif recipe.generate_data is None and ((ratio > 0 and not recipe.data.caption)
-                                           or (ratio < 1 and not recipe.data.instruction)):
+    elif (ratio > 0 and not recipe.data.caption) or (ratio < 1 and not recipe.data.instruction):
         empty = "caption" if ratio > 0 and not recipe.data.caption else "instruction"
         raise Lav2Error(f"{where('train', 'caption_ratio')} is {ratio} but data.{empty} is empty; "
                         f"add {empty} sources or change the ratio")
@@ -317,12 +323,7 @@ def _check_layout(recipe: Recipe, where: str) -> None:
         raise Lav2Error(f"{where} is {recipe.layout!r}, not a known layout; {hint}choose one of {', '.join(PRESETS)}")
 
 
-def _resolve_base(base: str | dict, base_dir: Path, where: str) -> str | dict:
-    if isinstance(base, dict):
-        if set(base) != {"demo"} or not isinstance(base["demo"], dict):
-            raise Lav2Error(f"{where}: base as a mapping must be {{demo: {{...}}}}; otherwise give a registry "
-                            f"name like llama-7b or a model folder path")
-        return dict(base)
+def _resolve_base(base: str, base_dir: Path, where: str) -> str:
     if not base.strip():
         raise Lav2Error(f"{where}: base is empty; give a registry name like llama-7b or a model folder path")
     # A name with a slash or a leading dot/tilde is a folder, taken relative to the recipe; else a registry name.
@@ -334,13 +335,14 @@ def _resolve_base(base: str | dict, base_dir: Path, where: str) -> str | dict:
 def load_recipe(path: str | Path, overrides: typing.Sequence[str] = ()) -> Recipe:
     """Read, override (`a.b=value` strings, values as YAML scalars) and validate a recipe; paths become absolute.
 
-    Data files are not opened here (the demo generates them later): call `check_data_files` before loading data.
+    Data files are not opened here: call `check_data_files` before loading data.
     """
     path = Path(path)
     if not path.is_file():
         raise Lav2Error(f"recipe not found: {path}; pass the path of a YAML recipe such as recipes/alpaca.yaml")
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_loader(str(path)))
+        # utf-8-sig: a byte-order mark, as Windows editors write, is read as no text
+        raw = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_loader(str(path)))
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         line = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""

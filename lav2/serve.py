@@ -49,9 +49,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
-from lav2.data import open_image
 from lav2.errors import Lav2Error
 from lav2.generate import Piece, Sampling, encode_dialog, stream_batch
+from lav2.images import open_image
 from lav2.prompts import Turn
 
 if TYPE_CHECKING:

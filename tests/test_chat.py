@@ -20,7 +20,7 @@ import torch
 from click.testing import CliRunner
 
 from conftest import make_image
-from lav2 import chat, checkpoint
+from lav2 import chat, checkpoint, fastpath
 from lav2.cli import main
 from lav2.errors import Lav2Error
 from lav2.generate import Conversation, Sampling, answer
@@ -263,4 +263,4 @@ def test_quantize_int8_answers_on_cpu(folder):
 def test_8bit_without_bitsandbytes_is_a_clear_error(loaded, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
     with pytest.raises(Lav2Error, match="bitsandbytes"):
-        chat.quantize_int8(checkpoint.load(loaded.folder, "cpu", torch.float32).model, cuda=True)
+        fastpath.quantize_8bit_(checkpoint.load(loaded.folder, "cpu", torch.float32).model)

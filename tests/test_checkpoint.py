@@ -14,7 +14,8 @@ from PIL import Image
 
 import lav2
 from conftest import lav2_to_official, make_image, random_llama, write_meta_folder
-from lav2 import checkpoint
+from lav2 import checkpoint, fastpath
+from lav2.images import make_preprocess
 from lav2.errors import Lav2Error
 from lav2.model import Config, LLaMAAdapter, adapter_state_dict
 
@@ -138,7 +139,7 @@ def test_a_loading_model_holds_its_matrices_once(tiny_official, monkeypatch):
     """load stores the block matrices anew for decoding (decode_layout_): the memory they were read into must be
     freed as that happens, or a 7B model would briefly sit in memory twice."""
     read, freed_when_laid_out = [], []
-    load_state_dict, decode_layout_ = LLaMAAdapter.load_state_dict, checkpoint.decode_layout_
+    load_state_dict, decode_layout_ = LLaMAAdapter.load_state_dict, fastpath.decode_layout_
 
     def recording(self, state, *args, **kwargs):
         read.extend(weakref.ref(t.untyped_storage()) for k, t in state.items()
@@ -151,9 +152,9 @@ def test_a_loading_model_holds_its_matrices_once(tiny_official, monkeypatch):
         freed_when_laid_out.extend(storage() is None for storage in read)
 
     monkeypatch.setattr(LLaMAAdapter, "load_state_dict", recording)
-    monkeypatch.setattr(checkpoint, "decode_layout_", laying_out)
+    monkeypatch.setattr(fastpath, "decode_layout_", laying_out)
     loaded = lav2.load(tiny_official[1], device="cpu")
-    assert loaded.model.layers[0].attention.wqkv is not None  # laid out for decoding
+    assert loaded.model.layers[0].attention.wq.weight.t().is_contiguous()  # laid out for decoding
     assert len(freed_when_laid_out) == 7 * len(loaded.model.layers) and all(freed_when_laid_out)
 
 
@@ -161,8 +162,8 @@ def test_bgr_layouts_swap_channels(tiny_official, tmp_path):
     loaded = lav2.load(tiny_official[1], device="cpu")
     image = Image.open(make_image(tmp_path / "red.png", colour=(250, 0, 0)))
     bgr = loaded.preprocess(image)
-    rgb = checkpoint.make_preprocess(lambda im: torch.tensor(list(im.getpixel((24, 24)))), bgr=False)(image)
-    swapped = checkpoint.make_preprocess(lambda im: torch.tensor(list(im.getpixel((24, 24)))), bgr=True)(image)
+    rgb = make_preprocess(lambda im: torch.tensor(list(im.getpixel((24, 24)))), bgr=False)(image)
+    swapped = make_preprocess(lambda im: torch.tensor(list(im.getpixel((24, 24)))), bgr=True)(image)
     assert rgb.tolist() == [250, 0, 0] and swapped.tolist() == [0, 0, 250]
     assert bgr[2].mean() > bgr[0].mean()  # the red disc arrives in the last channel
 

@@ -24,7 +24,7 @@ from lav2.cli import main
 from lav2.data import Batch
 from lav2.errors import Lav2Error
 from lav2.model import Config, LLaMAAdapter, mark_trainable, param_groups
-from lav2.quantize import quantize_8bit_
+from lav2.fastpath import quantize_8bit_
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "recipes" / "examples"
@@ -86,7 +86,7 @@ def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 def test_caption_step_moves_only_visual_group_and_instruction_step_only_language(tmp_path, visual_base):
     trainer = finetune.start(write_recipe(tmp_path, visual_base))
-    model = trainer.setup.model
+    model = trainer.loaded.model
     groups = {g: [n for n, _ in named] for g, named in param_groups(model).items()}
     frozen = [n for n in model.state_dict() if n not in groups["visual"] + groups["language"]]
     for kind, moves, stays in (("caption", "visual", "language"), ("instruction", "language", "visual")):
@@ -101,11 +101,11 @@ def test_caption_step_moves_only_visual_group_and_instruction_step_only_language
 @pytest.mark.parametrize("eight_bit", [False, True], ids=["float", "8bit"])
 def test_frozen_base_never_changes(tmp_path, visual_base, eight_bit):
     trainer = finetune.start(write_recipe(tmp_path, visual_base, load_in_8bit=eight_bit))
-    model = trainer.setup.model
+    model = trainer.loaded.model
     trainable = {n for named in param_groups(model).values() for n, _ in named}
     frozen = [n for n in model.state_dict() if n not in trainable]
     if eight_bit:
-        assert any(".quantized." in n for n in frozen)
+        assert any(".int8." in n for n in frozen)
     before = snapshot(model)
     for kind in ("caption", "instruction", "caption", "instruction"):
         trainer.train_step(kind)
@@ -188,7 +188,7 @@ def test_gradient_checkpointing_keeps_only_block_inputs(eight_bit):
 
 def test_checkpointed_and_plain_gradients_agree(tmp_path, visual_base):
     trainer = finetune.start(write_recipe(tmp_path, visual_base, micro_batch_size=4))
-    model = trainer.setup.model
+    model = trainer.loaded.model
     batch = trainer.micro_batches("instruction")[0]
     grads = []
     for flag in (False, True):
@@ -207,7 +207,7 @@ def test_8bit_base_trains_and_its_folder_loads(tmp_path, visual_base):
     recipe = write_recipe(tmp_path, visual_base, load_in_8bit=True, gradient_checkpointing=True, caption_ratio=0.0,
                           micro_batch_size=4, lr={"visual": 1e-2, "language": 3e-2}, schedule="constant")
     trainer = finetune.start(recipe)
-    model, batch = trainer.setup.model, trainer.micro_batches("instruction")[0]
+    model, batch = trainer.loaded.model, trainer.micro_batches("instruction")[0]
     trainer.positions["instruction"] = 0
 
     def loss() -> float:
@@ -348,15 +348,20 @@ def test_step_kinds_follow_caption_ratio_and_two_phase(tmp_path, visual_base):
 # --- the offline demo ----------------------------------------------------------------------------------------
 
 
-def test_demo_recipe_runs_end_to_end(tmp_path):
-    out = finetune.run(ROOT / "recipes" / "shapes.yaml", out=tmp_path / "shapes",
-                       overrides=["train.steps=8", "train.checkpoint_every=0", "generate_data.images=24",
-                                  "generate_data.heldout=6"])
-    evaluation = [m["eval"] for m in finetune.read_metrics(out) if "eval" in m]
-    assert len(evaluation) == 1 and 0 <= evaluation[0]["colour_accuracy"] <= 1 and evaluation[0]["heldout"] == 6
-    assert (out / "heldout" / "0.png").is_file() and (out / "loss.png").is_file()
+def test_demo_recipe_runs_end_to_end(tmp_path, monkeypatch):
+    # the demo is data made by `lav2 demo` plus an ordinary recipe, run from the project's root as the README does
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "shapes.yaml").write_text((ROOT / "recipes" / "shapes.yaml").read_text())
+    made = CliRunner().invoke(main, ["demo", "runs/demo", "--images", "24", "--heldout", "6"])
+    assert made.exit_code == 0, made.output
+    records = [json.loads(line) for line in (tmp_path / "runs/demo/heldout/eval.jsonl").read_text().splitlines()]
+    assert len(records) == 12 and (tmp_path / "runs/demo/heldout" / records[0]["image"]).is_file()
+    out = finetune.run("recipes/shapes.yaml", out=tmp_path / "shapes",
+                       overrides=["train.steps=8", "train.checkpoint_every=0", "train.visual_steps=4"])
+    assert (out / "loss.png").is_file()
     loaded = lav2.load(out)
-    assert loaded.info["base"] == "base" and loaded.preprocess is not None
+    assert Path(loaded.info["base"]) == Path("../runs/demo/base") and loaded.preprocess is not None
     info = json.loads((out / "lav2.json").read_text())
     layout = yaml.safe_load((ROOT / "recipes" / "shapes.yaml").read_text())["layout"]
     assert info["layout"] == layout and info["adapter"] == "adapter.safetensors" and info["prompt_style"] == "chat"

@@ -8,12 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import lav2
 from safetensors.torch import load_file, save_file
 
 from conftest import make_image
-from lav2 import checkpoint
+
 from lav2.errors import Lav2Error
-from lav2.data import open_image
+from lav2.images import open_image
 from lav2.generate import Conversation, Sampling, TextStream, answer, generate, sample
 from lav2.prompts import STOP_STRINGS, Turn, render_prompt
 
@@ -35,13 +37,13 @@ def make_lively_folder(src: Path, dst: Path) -> Path:
 @pytest.fixture(scope="module")
 def official(tiny_official, tmp_path_factory):
     folder = make_lively_folder(tiny_official[1], tmp_path_factory.mktemp("lively") / "official")
-    return checkpoint.load(folder, "cpu", torch.float32)
+    return lav2.load(folder, "cpu", torch.float32)
 
 
 @pytest.fixture(scope="module")
 def base(tiny_base, tmp_path_factory):
     folder = make_lively_folder(tiny_base[1], tmp_path_factory.mktemp("lively") / "base")
-    return checkpoint.load(folder, "cpu", torch.float32)
+    return lav2.load(folder, "cpu", torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +204,7 @@ def test_decoding_never_caches_with_gradients_and_leaves_the_grad_mode_alone(off
             for _ in tokens:
                 assert torch.is_grad_enabled()  # no_grad is scoped to each model call, not the generator
         cache = official.model.layers[-1].attention.kv_cache
-        assert cache.prompt_k is not None and not cache.prompt_k.requires_grad
+        assert cache.prompt_kv is not None and not cache.prompt_kv[0].requires_grad
     finally:
         official.model.adapter_query.requires_grad_(False)
 

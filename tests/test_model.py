@@ -1,9 +1,6 @@
 """The model as the specification: base equivalence at zero init, what trains, counts, caches, folding."""
 
 import copy
-import gc
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +8,7 @@ import torch.nn.functional as F
 
 from conftest import random_llama
 from lav2.model import (Config, LLaMAAdapter, PRESETS, adapter_state_dict, apply_rotary_emb, count_params,
-                        decode_layout_, empty_on_huge_pages, fold_adapters_, mark_trainable, param_groups,
-                        precompute_freqs_cis, single_query_attention)
-from lav2.quantize import quantize_int8_
+                        fold_adapters_, mark_trainable, param_groups, precompute_freqs_cis)
 
 ADAPTER_LAYOUTS = ["tiny-paper", "tiny-official", "tiny-official-lora"]
 
@@ -174,25 +169,6 @@ def test_fold_bias_scale_lora_keeps_logits(base, layout):
         torch.testing.assert_close(folded(tokens, images), model(tokens, images), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("heads, kv_heads, cached", [(4, 4, 1), (4, 4, 37), (8, 2, 300)])
-def test_single_query_attention_equals_sdpa(heads, kv_heads, cached):
-    torch.manual_seed(0)
-    q = torch.randn(2, heads, 1, 16)
-    k, v = torch.randn(2, 2, kv_heads, cached, 16).unbind(1)
-    shared = heads // kv_heads
-    expected = F.scaled_dot_product_attention(q, k.repeat_interleave(shared, 1), v.repeat_interleave(shared, 1))
-    torch.testing.assert_close(single_query_attention(q, k, v), expected, rtol=0, atol=1e-6)
-
-
-def test_compiled_decode_step_equals_eager_with_grouped_query_attention():
-    # compiled, a decode step attends through single_query_attention (over the cache and the prompts); eagerly, SDPA
-    model = random_llama(Config.from_name("tiny-paper", n_kv_heads=2), seed=8).eval()
-    model.visual.clip = tiny_clip()
-    tokens, images = torch.randint(0, 300, (1, 12)), torch.randn(1, 3, 32, 32)
-    torch.testing.assert_close(cached_decode(model, tokens, images, step=torch.compile(model)),
-                               cached_decode(model, tokens, images), rtol=0, atol=1e-5)
-
-
 def cached_decode(model: LLaMAAdapter, tokens: torch.Tensor, images: torch.Tensor, step=None) -> torch.Tensor:
     """Logits of a prefill of 5 tokens then one token at a time through the KV cache, each token through `step`
     (the model itself, or e.g. torch.compile of it)."""
@@ -205,69 +181,28 @@ def cached_decode(model: LLaMAAdapter, tokens: torch.Tensor, images: torch.Tenso
     return torch.cat(steps, dim=1)
 
 
-def mapping_of(address: int) -> tuple[int, int] | None:
-    """The (start, end) of this process's memory mapping that holds `address`, from /proc/self/maps."""
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        start, end = (int(a, 16) for a in line.split()[0].split("-"))
-        if start <= address < end:
-            return start, end
-    return None
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge pages are a Linux madvise")
-def test_huge_page_matrix_lives_in_its_own_mapping_until_its_last_view_goes():
-    stored = empty_on_huge_pages(512, 1024)  # 2 MiB
-    stored.fill_(3.0)
-    address = stored.data_ptr()
-    mapping = mapping_of(address)
-    assert mapping is not None
-    view = stored[1:3].t()
-    del stored
-    gc.collect()
-    assert view.sum().item() == 3.0 * 2 * 1024  # the memory stays while a view of it lives
-    del view
-    gc.collect()
-    assert mapping_of(address) != mapping  # and is unmapped with the last view
-
-
-@pytest.mark.parametrize("layout", ["tiny-paper", "tiny-official-lora"])
-def test_decode_layout_changes_storage_only_and_survives_fold_and_quantize(layout):
-    model = random_llama(Config.from_name(layout), seed=7).eval()
+@pytest.mark.parametrize("layout", ADAPTER_LAYOUTS)
+def test_left_padded_rows_compute_what_each_row_computes_alone(layout):
+    # pad: each row counts positions from its first real token and nobody attends to the padding, so a batch of
+    # prompts of different lengths gives every row its own logits (RoPE would otherwise move the prompt scores)
+    model = random_llama(Config.from_name(layout), seed=4).eval()
     model.visual.clip = tiny_clip()
-    laid = copy.deepcopy(model)
-    decode_layout_(laid)
-    attention = laid.layers[1].attention
-    # wq, wk, wv are row blocks of one stacked matrix, stored (in, out)-contiguous
-    assert attention.wqkv is not None and not attention.wqkv.is_contiguous() and attention.wqkv.t().is_contiguous()
-    assert attention.wk.weight.untyped_storage().data_ptr() == attention.wqkv.untyped_storage().data_ptr()
-    before, after = model.state_dict(), laid.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-
-    tokens, images = torch.randint(0, 300, (2, 9)), torch.randn(2, 3, 32, 32)
+    rows = [torch.randint(3, 300, (n,)) for n in (7, 3, 5)]
+    images, with_image = torch.randn(3, 3, 32, 32), torch.tensor([True, False, True])
+    pad = torch.tensor([7 - len(r) for r in rows])
+    tokens = torch.stack([F.pad(r, (7 - len(r), 0)) for r in rows])
+    nexts = torch.randint(3, 300, (3, 2))
     with torch.no_grad():
-        torch.testing.assert_close(laid(tokens, images), model(tokens, images), rtol=0, atol=1e-5)
-    torch.testing.assert_close(cached_decode(laid, tokens, images), cached_decode(model, tokens, images),
-                               rtol=0, atol=1e-5)
-
-    # a copy's weights are no views of its stacks: its forward drops them and runs each linear alone, right
-    copied = copy.deepcopy(laid)
-    torch.testing.assert_close(cached_decode(copied, tokens, images), cached_decode(model, tokens, images),
-                               rtol=0, atol=1e-5)
-    assert all(layer.attention.wqkv is None and layer.feed_forward.w13 is None for layer in copied.layers)
-
-    # folding writes into the stacked matrix in place: the stacked product sees the folded weights
-    folded = copy.deepcopy(model)
-    fold_adapters_(folded)
-    fold_adapters_(laid)
-    assert attention.wk.weight.untyped_storage().data_ptr() == attention.wqkv.untyped_storage().data_ptr()
-    torch.testing.assert_close(cached_decode(laid, tokens, images), cached_decode(folded, tokens, images),
-                               rtol=0, atol=1e-5)
-
-    # quantizing drops the stacks (no float copy left behind) and gives what quantizing the plain model gives
-    quantized, laid_quantized = quantize_int8_(folded), quantize_int8_(laid)
-    assert all(layer.attention.wqkv is None and layer.feed_forward.w13 is None for layer in laid_quantized.layers)
-    torch.testing.assert_close(cached_decode(laid_quantized, tokens, images),
-                               cached_decode(quantized, tokens, images), rtol=0, atol=1e-5)
+        model.setup_cache(3, 16)
+        batched = [model(tokens, images, image_mask=with_image, start_pos=0, pad=pad)[:, -1]]
+        batched += [model(nexts[:, i:i + 1], start_pos=7 + i, pad=pad)[:, -1] for i in range(2)]
+        for row, r in enumerate(rows):
+            model.setup_cache(1, 16)
+            alone = [model(r[None], images[row:row + 1] if with_image[row] else None, start_pos=0)[0, -1]]
+            alone += [model(nexts[row:row + 1, i:i + 1], start_pos=len(r) + i)[0, -1] for i in range(2)]
+            for step, logits in enumerate(alone):
+                torch.testing.assert_close(batched[step][row], logits, rtol=0, atol=2e-5)
+        model.clear_cache()
 
 
 def test_config_round_trip_and_bad_configs():

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
+from lav2 import recipe as recipe_module
 from lav2.data import collate, prepare
 from lav2.errors import Lav2Error
 from lav2.recipe import Recipe, check_data_files, load_recipe
@@ -77,16 +80,6 @@ def test_overrides_are_parsed_as_yaml_and_validated():
     assert recipe.output == EXAMPLES / "x"
 
 
-def test_demo_base_and_generate_data_are_opaque_mappings(tmp_path):
-    path = tmp_path / "demo.yaml"
-    path.write_text("base: {demo: {dim: 64, anything: [1, 2]}}\ngenerate_data: {shapes: 200}\n"
-                    "data: {caption: [{path: shapes.jsonl, format: captions}]}\n")
-    recipe = load_recipe(path)
-    assert recipe.base == {"demo": {"dim": 64, "anything": [1, 2]}}
-    assert recipe.generate_data == {"shapes": 200}
-    assert recipe.train.caption_ratio == 1.0
-
-
 @pytest.mark.parametrize("name", ["alpaca_coco.yaml", "alpaca.yaml"])
 def test_shipped_recipes_load_and_name_their_missing_data_with_urls(name):
     recipe = load_recipe(ROOT / "recipes" / name)
@@ -117,3 +110,87 @@ def test_cli_prints_one_line_and_fails(name):
     assert len(result.stderr.strip().splitlines()) == 1
     assert all(phrase in result.stderr for phrase in header(ROOT / "tests" / "bad_inputs" / f"{name}.yaml",
                                                             "expect"))
+
+
+DATA = "data:\n  instruction:\n    - {path: d.json, format: alpaca}\n"
+
+
+def _error(tmp_path: Path, text: str, overrides=()) -> str:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    with pytest.raises(Lav2Error) as info:
+        load_recipe(path, overrides)
+    message = str(info.value)
+    assert "\n" not in message and (message.startswith(f"{path} line ") or message.startswith("--set "))
+    return message
+
+
+@pytest.mark.parametrize("text, line, expected", [
+    ("bsae: llama-7b\n" + DATA, 1, "unknown key 'bsae'; did you mean 'base'?"),
+    ("base: llama-7b\n" + DATA + "train:\n  stpes: 3\n", 6, "unknown key 'stpes' in train; did you mean 'steps'?"),
+    ("base: llama-7b\n" + DATA + "train:\n  lr:\n    visul: 1.0e-4\n", 7,
+     "unknown key 'visul' in train.lr; did you mean 'visual'?"),
+    ("base: llama-7b\n" + DATA + "    - {path: e.json, format: alpaca, wieght: 2}\n", 5,
+     "unknown key 'wieght' in data.instruction[1]; did you mean 'weight'?"),
+    ("base: llama-7b\ndata:\n  instrcution: []\n", 3, "unknown key 'instrcution' in data; did you mean 'instruction'?"),
+])
+def test_unknown_key_names_the_key_and_its_mapping_at_every_depth(tmp_path, text, line, expected):
+    message = _error(tmp_path, text)
+    assert f"line {line}: {expected}" in message
+
+
+def test_unknown_key_from_set_names_its_mapping(tmp_path):
+    message = _error(tmp_path, "base: llama-7b\n" + DATA, ["train.lr.visul=1"])
+    assert message == "--set train.lr.visul=1: unknown key 'visul' in train.lr; did you mean 'visual'?"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("train:\n  lr:\n    visual: fast\n", "line 7: train.lr.visual must be a number, not 'fast'"),
+    ("train:\n  lr: 5\n", "line 6: train.lr must be a mapping, not 5"),
+    ("    - {path: e.json, format: alpaca, weight: heavy}\n", "line 5: data.instruction[1].weight must be a number"),
+    ("    - {path: e.json, format: alpaca, image_root: 7}\n",
+     "line 5: data.instruction[1].image_root must be a path string or null, not 7"),
+])
+def test_wrong_type_in_a_nested_mapping_names_its_full_path(tmp_path, text, expected):
+    assert expected in _error(tmp_path, "base: llama-7b\n" + DATA + text)
+
+
+@dataclass(frozen=True)
+class Leaf:
+    rate: float = 1.0
+
+
+@dataclass(frozen=True)
+class Branch:
+    leaf: Leaf | None = None
+    leaves: tuple[Leaf, ...] = ()
+
+
+@dataclass(frozen=True)
+class Tree:
+    branch: Branch = Branch()
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("branch: {leaf: {rtae: 2}}", "unknown key 'rtae' in branch.leaf; did you mean 'rate'?"),
+    ("branch: {leaves: [{rate: 1}, {rtae: 2}]}", "unknown key 'rtae' in branch.leaves[1]; did you mean 'rate'?"),
+    ("branch: {leaf: {rate: fast}}", "branch.leaf.rate must be a number, not 'fast'"),
+    ("branch: {leaf: 5}", "branch.leaf must be a mapping or null, not 5"),
+])
+def test_the_schema_walker_names_paths_through_optional_and_list_fields(text, expected):
+    """A schema deeper than today's recipe: an optional mapping keeps the error of what is inside it."""
+    raw = yaml.load(text, Loader=recipe_module._loader("t.yaml"))
+    with pytest.raises(Lav2Error) as info:
+        recipe_module._build(Tree, raw, "", Path.cwd())
+    assert str(info.value) == f"t.yaml line 1: {expected}"
+
+
+def test_recipe_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "bom.yaml"
+    path.write_bytes(b"\xef\xbb\xbf" + ("base: llama-7b\n" + DATA + "train:\n  steps: 7\n").encode())
+    recipe = load_recipe(path)
+    assert recipe.base == "llama-7b" and recipe.train.steps == 7
+    path.write_bytes(b"\xef\xbb\xbf" + ("base: llama-7b\n" + DATA + "train:\n  stpes: 7\n").encode())
+    with pytest.raises(Lav2Error) as info:
+        load_recipe(path)
+    assert f"{path} line 6: unknown key 'stpes' in train" in str(info.value)  # lines count as without the mark

@@ -27,6 +27,7 @@ from click.testing import CliRunner
 from PIL import Image, ImageDraw
 
 from conftest import random_llama, write_meta_folder
+import lav2
 from lav2 import checkpoint, serve
 from lav2.cli import main
 from lav2.generate import Sampling, answer_batch, encode_dialog
@@ -52,7 +53,7 @@ def folder(tiny_official, tmp_path_factory) -> Path:
 def reference(folder):
     """The same model loaded apart from the server's: expected answers are computed here, never on the server's
     model (which its worker thread owns)."""
-    return checkpoint.load(folder, "cpu", torch.float32)
+    return lav2.load(folder, "cpu", torch.float32)
 
 
 @pytest.fixture(scope="module")

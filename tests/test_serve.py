@@ -30,7 +30,7 @@ from conftest import random_llama, write_meta_folder
 import lav2
 from lav2 import checkpoint, serve
 from lav2.cli import main
-from lav2.generate import Sampling, answer_batch, encode_dialog
+from lav2.generate import Sampling, answer_batch, encode_dialog, stream_batch
 from lav2.model import Config
 from lav2.prompts import Turn
 from test_generate import make_lively_folder
@@ -255,9 +255,16 @@ def test_a_seed_reproduces_a_sampled_answer(client):
     assert first == second
 
 
-def test_eight_concurrent_streams_all_get_their_own_answer(client, reference):
+def test_eight_concurrent_streams_all_get_their_own_answer_in_batches(client, reference, monkeypatch):
     questions = [f"What is shape number {i}?" for i in range(8)]
     want = [expected(reference, [Turn(q)], max_new_tokens=16) for q in questions]
+    batches: list[int] = []
+
+    def counted(loaded, dialogs, **kwargs):  # the real stream_batch, noting each batch's size
+        batches.append(len(dialogs))
+        return stream_batch(loaded, dialogs, **kwargs)
+
+    monkeypatch.setattr(serve, "stream_batch", counted)
     got: dict[int, str] = {}
     failures: list[BaseException] = []
 
@@ -278,6 +285,13 @@ def test_eight_concurrent_streams_all_get_their_own_answer(client, reference):
     assert not any(t.is_alive() for t in threads), "some streams did not finish in 120 s"
     assert not failures, failures
     assert [got.get(i) for i in range(8)] == want
+    assert sum(batches) == 8 and max(batches) <= 4 and max(batches) > 1, batches  # waiting requests run together
+
+
+def test_max_completion_tokens_limits_the_answer_as_max_tokens_does(client, reference):
+    done = client.chat.completions.create(model="m", messages=USER, temperature=0, max_completion_tokens=3)
+    assert done.usage.completion_tokens <= 3
+    assert done.choices[0].message.content == expected(reference, [Turn("hi")], max_new_tokens=3)
 
 
 def test_models_lists_the_folder_with_its_metadata_and_health_answers(url, client, folder, reference):

@@ -603,6 +603,18 @@ def memory_7b(config_name, layers, seq_len, micro_batch_size, device, table):
 # --- serve: the HTTP API under concurrent clients --------------------------------------------------------
 
 
+def word_tokenizer(path: Path, vocab_size: int) -> None:
+    """Write a tokenizer whose pieces are mostly whole pseudo-words. random_folder's is nearly all byte pieces, and
+    a random model's bytes decode to U+FFFD, which streaming holds back to the end of the answer: the time to the
+    first token would be the time to the last."""
+    import itertools
+    import random
+
+    words = ["".join(w) for w in itertools.product(["ka", "lo", "mi", "ne", "ru", "ta", "vo", "zi"], repeat=3)]
+    random.Random(0).shuffle(words)
+    train_tokenizer([" ".join(words[i:i + 12]) for i in range(0, len(words), 12)] * 10, path, vocab_size=vocab_size)
+
+
 def stream_one(url: str, body: dict) -> tuple[float, float, int]:
     """POST a streaming chat completion; (seconds to the first content delta, total seconds, completion tokens)."""
     import http.client
@@ -658,7 +670,9 @@ def bench_serve(*, config_name: str, clients: list[int], requests: int, max_toke
     body = {"messages": [{"role": "user", "content": "Describe a red circle next to a blue square."}],
             "temperature": 0, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
     with tempfile.TemporaryDirectory() as tmp:
-        loaded = checkpoint.load(random_folder(config, Path(tmp) / f"random-{config_name}"), device=dev)
+        folder = random_folder(config, Path(tmp) / f"random-{config_name}")
+        word_tokenizer(folder / checkpoint.TOKENIZER_FILE, vocab_size=min(1024, config.vocab_size))
+        loaded = checkpoint.load(folder, device=dev)
         with serving(create_app(loaded, max_batch=max_batch, max_queue=max(clients))) as url:
             stream_one(url, body)  # warm-up
             figures = {str(n): drive_clients(url, clients=n, requests=requests, body=body) for n in clients}

@@ -13,7 +13,13 @@ Concurrency: one worker thread owns the model (torch is called from that thread 
 queue; whenever the worker is free it takes every waiting request, up to --max-batch, and decodes them together
 through generate.stream_batch (static batching: a batch runs until its last row ends; requests that arrive
 meanwhile wait for the next round). A full queue answers 503. A client that disconnects frees its place at once:
-a waiting request leaves the queue, a running row is cancelled.
+a waiting request leaves the queue, a running row is cancelled. At Ctrl-C, open answers end with a 503.
+
+Safety: it listens on 127.0.0.1 unless --host says otherwise; with an API key, every /v1 request needs
+`Authorization: Bearer KEY` (GET /health does not). Limits: a 20 MiB body, one image of at most 10 MiB and
+4096 x 4096 pixels (and Pillow's decompression-bomb guard), given inline as a data URL (remote URLs are refused,
+never fetched); 256 messages; 4 stop strings; max_tokens at most the context left after the prompt (default: 256,
+or what is left). Every bad request gets a 4xx with OpenAI's error object and one clear message.
 
 How messages become the model's prompt: leading system (or developer) messages are folded into the first user
 message's text (the prompt formats have no system slot); then user and assistant messages must alternate, ending
@@ -41,23 +47,21 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, AsyncIterator, Iterator, Literal, Optional, Union
+from typing import Annotated, AsyncIterator, Iterator, Literal, Optional, Union
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
+from lav2.checkpoint import CONFIG_FILE, Loaded
 from lav2.errors import Lav2Error
 from lav2.generate import Piece, Sampling, encode_dialog, stream_batch
 from lav2.images import open_image
 from lav2.prompts import Turn
-
-if TYPE_CHECKING:
-    from PIL import Image
-
-    from lav2.checkpoint import Loaded
 
 log = logging.getLogger("lav2.serve")
 
@@ -191,10 +195,8 @@ def parse_request(body: bytes) -> ChatRequest:
 DATA_URL_HINT = "send the image inline as a data URL: data:image/png;base64,<base64 of the file>"
 
 
-def decode_image(url: str, *, param: Optional[str] = None) -> "Image.Image":
+def decode_image(url: str, *, param: Optional[str] = None) -> Image.Image:
     """A data URL's image, checked against the limits; remote URLs are refused, never fetched."""
-    from PIL import Image, UnidentifiedImageError
-
     scheme, colon, rest = url.partition(":")
     if not colon:
         raise ApiError(400, f"the image URL is not a URL; {DATA_URL_HINT}", param=param)
@@ -232,7 +234,7 @@ def decode_image(url: str, *, param: Optional[str] = None) -> "Image.Image":
 # --- request -> conversation -------------------------------------------------------------------------------
 
 
-def conversation(messages: list[Message], *, multimodal: bool) -> tuple[list[Turn], Optional["Image.Image"]]:
+def conversation(messages: list[Message], *, multimodal: bool) -> tuple[list[Turn], Optional[Image.Image]]:
     """The Turns and the one image of a request's messages (see the module docstring for the rules)."""
     system = []
     while messages and messages[0].role in ("system", "developer"):
@@ -311,7 +313,7 @@ class Job:
     """One request on its way through the worker; its events go to the request's asyncio queue."""
 
     turns: list[Turn]
-    image: Optional["Image.Image"]
+    image: Optional[Image.Image]
     sampling: Sampling
     stop: StopCut
     loop: asyncio.AbstractEventLoop
@@ -355,7 +357,7 @@ def shutting_down() -> ApiError:
 class Engine:
     """The model, its one worker thread, and the bounded queue of requests waiting for it."""
 
-    def __init__(self, loaded: "Loaded", *, max_batch: int = 8, max_queue: int = 32):
+    def __init__(self, loaded: Loaded, *, max_batch: int = 8, max_queue: int = 32):
         self.loaded, self.max_batch, self.max_queue = loaded, max_batch, max_queue
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []
@@ -453,10 +455,13 @@ async def read_body(request: Request) -> bytes:
     if length.isdigit() and int(length) > MAX_BODY_BYTES:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise too_large
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise too_large
+    except ClientDisconnect:  # answered to nobody, but without a traceback in the log
+        raise ApiError(400, "the client disconnected before the whole request body arrived") from None
     return bytes(body)
 
 
@@ -475,10 +480,10 @@ async def next_event(job: Job, watcher: asyncio.Task) -> Event:
     raise ClientLeft
 
 
-def model_card(loaded: "Loaded") -> dict:
+def model_card(loaded: Loaded) -> dict:
     """The model as GET /v1/models lists it: OpenAI's fields, and what a client may want to know of a lav2 model."""
     info = loaded.info
-    return {"id": loaded.folder.name, "object": "model", "created": int((loaded.folder / "lav2.json").stat().st_mtime),
+    return {"id": loaded.folder.name, "object": "model", "created": int((loaded.folder / CONFIG_FILE).stat().st_mtime),
             "owned_by": "lav2", "layout": info.get("layout"), "prompt_style": info.get("prompt_style", "chat"),
             "context_length": loaded.config.max_seq_len, "multimodal": bool(loaded.config.visual_len)}
 
@@ -502,7 +507,7 @@ class Completion:
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-def create_app(loaded: "Loaded", *, api_key: Optional[str] = None, max_batch: int = 8,
+def create_app(loaded: Loaded, *, api_key: Optional[str] = None, max_batch: int = 8,
                max_queue: int = 32) -> FastAPI:
     """The API over `loaded`; its worker starts and stops with the app (uvicorn's lifespan)."""
     engine = Engine(loaded, max_batch=max_batch, max_queue=max_queue)
@@ -538,7 +543,7 @@ def create_app(loaded: "Loaded", *, api_key: Optional[str] = None, max_batch: in
         return JSONResponse(ApiError(500, f"internal error ({type(e).__name__}); see the server's log").body(),
                             status_code=500)
 
-    def authorize(request: Request) -> None:
+    async def authorize(request: Request) -> None:
         if api_key is None:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
@@ -546,7 +551,7 @@ def create_app(loaded: "Loaded", *, api_key: Optional[str] = None, max_batch: in
             raise ApiError(401, "missing or wrong API key: send the header `Authorization: Bearer KEY` with "
                                 "the key the server was started with", code="invalid_api_key")
 
-    def prepare(body: bytes) -> tuple[ChatRequest, list[Turn], Optional["Image.Image"], Sampling]:
+    def prepare(body: bytes) -> tuple[ChatRequest, list[Turn], Optional[Image.Image], Sampling]:
         """Parse and check a request, decode its image, and size its answer (off the event loop; no torch)."""
         chat = parse_request(body)
         turns, image = conversation(chat.messages, multimodal=bool(loaded.config.visual_len))
@@ -697,6 +702,8 @@ def run(*, model_dir: Optional[Path] = None, host: str = "127.0.0.1", port: int 
     """Serve the model in `model_dir` over the OpenAI chat-completions API until Ctrl-C."""
     from lav2.chat import load_model
 
+    if api_key is not None and not api_key.strip():
+        raise Lav2Error("the API key is empty: give a key, or leave --api-key and $LAV2_API_KEY unset for none")
     sock = listen(host, port)  # a taken port fails before the model loads
     loaded = load_model(model_dir, device=device, dtype=dtype, quantize=quantize)
     app = create_app(loaded, api_key=api_key, max_batch=max_batch, max_queue=max_queue)

@@ -28,6 +28,7 @@ setup(
         "Pillow>=10",
         "PyYAML>=6",
         "matplotlib>=3.7",
+        "pycocoevalcap>=1.2",  # COCO caption metrics (BLEU, METEOR, ROUGE_L, CIDEr) as papers report them
         # lav2 serve, a core command (no extra): FastAPI and uvicorn are small and pure Python, and serve imports
         # pydantic and starlette (FastAPI's own foundations) by name too
         "fastapi>=0.110",

@@ -9,7 +9,7 @@ Models get random weights: speed and memory do not depend on the values. Every m
 sized by `--config`:  tiny (the test size), small (~0.2B, for CPU training), mid (~0.95B, CPU decode), 7b.
 
 decode: batch-1 greedy decoding through lav2.generate's prefill/decode_one_token/sample, the model's matrices
-stored as checkpoint.load stores them (decode_layout_). Time to first token is the prefill (with --image: the CLIP
+stored as checkpoint.load stores them (store_for_decoding_). Time to first token is the prefill (with --image: the CLIP
 tower and the resampler too) plus the first sample; tokens/s is the median over the decoded tokens. Alongside: the
 same LLaMA without the adapter and the adapter folded into it (fold_adapters_), stepped in
 turn token by token with the adapter model, so that other processes on a shared machine slow all of them alike;
@@ -46,17 +46,18 @@ import torch.nn as nn
 
 from lav2 import checkpoint
 from lav2.checkpoint import DTYPES
-from lav2.fastpath import decode_layout, decode_layout_, quantize_int8_
+from lav2.fastpath import decode_storage, store_for_decoding_, quantize_int8_
 from lav2.finetune import LiveBytes, loss_sum
 from lav2.generate import compiled_step, decode_one_token, prefill, sample
-from lav2.model import Config, LLaMAAdapter, build_clip_visual, fold_adapters_, mark_trainable, param_groups
+from lav2.checkpoint import build_clip_visual, with_layout
+from lav2.model import Config, LLaMAAdapter, fold_adapters_, mark_trainable, param_groups
 from lav2.tokenizer import train_tokenizer
 
 PAPER = Config.from_name("paper-7b")
 CONFIGS = {
     "tiny": Config.from_name("tiny-paper"),
-    "small": Config(dim=1024, n_layers=8, n_heads=8, max_seq_len=1024).with_layout(PAPER),
-    "mid": Config(dim=2048, n_layers=16, n_heads=16, max_seq_len=1024).with_layout(PAPER),
+    "small": with_layout(Config(dim=1024, n_layers=8, n_heads=8, max_seq_len=1024), PAPER),
+    "mid": with_layout(Config(dim=2048, n_layers=16, n_heads=16, max_seq_len=1024), PAPER),
     "7b": PAPER,
 }
 LAYOUTS = {"tiny": "tiny-paper", "small": "paper-7b", "mid": "paper-7b", "7b": "paper-7b"}  # what CONFIGS hold
@@ -147,7 +148,7 @@ def plain_llama(model: LLaMAAdapter) -> LLaMAAdapter:
     state = model.state_dict()
     base.load_state_dict({k: state[k].clone() for k in base.state_dict()}, assign=True)
     base.init_rope(model.tok_embeddings.weight.device)
-    decode_layout_(base)
+    store_for_decoding_(base)
     return base.eval()
 
 
@@ -200,11 +201,11 @@ class BandwidthProbe:
     """The rate this machine streams weights, measured between decode steps (so that other processes on a shared
     machine slow it and the decoders alike; medians are compared with medians). Each advance() times a
     matrix-vector product over a matrix far larger than the CPU caches, stored as a loaded model stores its
-    matrices (decode_layout), and a plain sum over the same bytes: how fast memory itself can be read."""
+    matrices (decode_storage), and a plain sum over the same bytes: how fast memory itself can be read."""
 
     def __init__(self, device: torch.device, *, mib: int, cols: int = 4096):
         self.device = device
-        self.weight = decode_layout(torch.empty(mib * 2**20 // (4 * cols), cols, device=device).uniform_())
+        self.weight = decode_storage(torch.empty(mib * 2**20 // (4 * cols), cols, device=device).uniform_())
         self.x = torch.randn(1, cols, device=device)
         self.matvec_s: list[float] = []
         self.read_s: list[float] = []
@@ -290,7 +291,7 @@ def bench_decode(*, config_name: str, dtype: str, image: bool, compile: bool, pr
         variants["base"] = plain_llama(model)
         variants["merged"] = copy.deepcopy(model)
         fold_adapters_(variants["merged"])
-        decode_layout_(variants["merged"])
+        store_for_decoding_(variants["merged"])
     steps = {name: compiled_step(m) if compile else decode_one_token for name, m in variants.items()}
     decoders: dict[str, list[Decoder]] = {name: [] for name in variants}
     probe = BandwidthProbe(dev, mib=bandwidth_mib)
@@ -598,6 +599,56 @@ def memory_7b(config_name, layers, seq_len, micro_batch_size, device, table):
     """Peak memory of the 7B recipe (8-bit base, checkpointing): measured on a GPU, else estimated."""
     emit(bench_memory_7b(config_name=config_name, layers=layers, seq_len=seq_len, micro_batch_size=micro_batch_size, device=device), table)
 
+
+# --- eval ----------------------------------------------------------------------------------------------------
+
+
+def bench_eval(*, config_name: str, items: int, batch_sizes: list[int], new_tokens: int, device: Optional[str]) -> dict:
+    """Items/s of greedy answers to image questions (generate.answer_batch, as `lav2 eval` runs them) at each
+    batch size, on a random model: every answer is `new_tokens` long (random weights rarely say eos early)."""
+    from PIL import Image
+
+    from lav2.generate import Sampling, answer_batch
+    from lav2.prompts import Turn
+
+    dev = pick_device(device)
+    with tempfile.TemporaryDirectory(prefix="lav2-bench-") as tmp:
+        loaded = checkpoint.load(random_folder(CONFIGS[config_name], Path(tmp) / "model",
+                                               clip_config(CONFIGS[config_name])), dev)
+    generator = torch.Generator().manual_seed(0)
+    images = [Image.fromarray(torch.randint(0, 256, (64, 64, 3), generator=generator, dtype=torch.uint8).numpy())
+              for _ in range(items)]
+    dialogs = [[Turn(f"What colour is shape number {i}?")] for i in range(items)]
+    sampling = Sampling(temperature=0, max_new_tokens=new_tokens)
+    answer_batch(loaded, dialogs[:1], images=images[:1], sampling=sampling)  # warm-up
+    result: dict = {"benchmark": "eval", "config": config_name, "items": items, "new_tokens": new_tokens,
+                    "items_per_s": {}, "seconds": {}}
+    for size in batch_sizes:
+        sync(dev)
+        start = time.perf_counter()
+        for i in range(0, items, size):
+            answer_batch(loaded, dialogs[i:i + size], images=images[i:i + size], sampling=sampling)
+        sync(dev)
+        seconds = time.perf_counter() - start
+        result["seconds"][str(size)] = seconds
+        result["items_per_s"][str(size)] = items / seconds
+    first, last = (str(s) for s in (batch_sizes[0], batch_sizes[-1]))
+    result["speedup"] = result["items_per_s"][last] / result["items_per_s"][first]
+    result["machine"] = machine(dev)
+    return result
+
+
+@main.command("eval")
+@click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default="small", show_default=True)
+@click.option("--items", default=16, show_default=True, help="Questions, each with its own image.")
+@click.option("--batch-sizes", default="1,8", show_default=True, help="Comma-separated batch sizes to time.")
+@click.option("--new-tokens", default=16, show_default=True, help="Tokens per answer.")
+@device_option
+@table_option
+def eval_command(config_name, items, batch_sizes, new_tokens, device, table):
+    """Items/s of batched greedy answering (lav2 eval's decoding) at several batch sizes."""
+    emit(bench_eval(config_name=config_name, items=items, batch_sizes=[int(s) for s in batch_sizes.split(",")],
+                    new_tokens=new_tokens, device=device), table)
 
 
 # --- serve: the HTTP API under concurrent clients --------------------------------------------------------

@@ -25,11 +25,12 @@ import pickle
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
+import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -37,7 +38,7 @@ from lav2 import fastpath
 from lav2.errors import Lav2Error
 from lav2.images import Preprocess, make_preprocess
 from lav2.model import (LINEARS, AdapterLinear, Config, LLaMAAdapter, PRESETS, adapter_state_dict,
-                        base_parameter_names, build_clip_visual, fold_linear, init_adapters_, mark_trainable,
+                        base_parameter_names, fold_linear, mark_trainable,
                         merged_config)
 from lav2.prompts import STYLES
 from lav2.tokenizer import Tokenizer
@@ -325,6 +326,14 @@ def read_clip_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return cfg, visual
 
 
+def build_clip_visual(clip_config: dict) -> nn.Module:
+    """open_clip's vision tower from an open_clip model config (the kwargs of open_clip.CLIP), on the current
+    default device (build under torch.device("meta") and load weights with assign=True)."""
+    import open_clip  # lazily: a text-only model never needs it
+
+    return open_clip.CLIP(**clip_config).visual
+
+
 def load_clip(spec: dict, folder: Path, device) -> tuple[torch.nn.Module, Callable]:
     """The frozen CLIP vision tower and its eval transform (PIL image -> tensor), from a CLIP spec."""
     import open_clip
@@ -497,6 +506,10 @@ def read_folder_info(folder: Path) -> dict:
         raise bad('the field \'clip\' must be {"name": ..., "pretrained": ...} or {"config": {...}, "weights": FILE}')
     if info.get("prompt_style", "chat") not in STYLES:
         raise bad(f"the field 'prompt_style' must be one of {', '.join(STYLES)}, not {info['prompt_style']!r}")
+    config_types = {f.name: f.type for f in fields(Config)}  # strings: model.py postpones its annotations
+    for key, value in info["config"].items():
+        if key in config_types and not json_fits(config_types[key], value):
+            raise bad(f"config.{key} must be {config_types[key]}, not {value!r}")
     try:
         Config.from_dict(info["config"])
     except (TypeError, ValueError) as e:
@@ -506,6 +519,19 @@ def read_folder_info(folder: Path) -> dict:
             raise Lav2Error(f"{folder}: {CONFIG_FILE} names the {key} file {info[key]!r}, which is missing; the "
                             f"folder is incomplete: make it again")
     return info
+
+
+def json_fits(annotation: str, value) -> bool:
+    """Whether a JSON value fits one of Config's annotations (int, float, str, bool, tuple[str, ...], Optional)."""
+    if annotation.startswith("Optional["):
+        return value is None or json_fits(annotation[len("Optional["):-1], value)
+    if annotation == "tuple[str, ...]":
+        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    if annotation == "bool":
+        return isinstance(value, bool)
+    if annotation == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, {"int": int, "str": str}[annotation]) and not isinstance(value, bool)
 
 
 def base_folder(folder: Path, info: dict) -> Optional[Path]:
@@ -550,6 +576,36 @@ def pick_device(device: Optional[str]) -> torch.device:
     return dev
 
 
+@torch.no_grad()
+def init_adapters_(model: LLaMAAdapter, *, device, seed: int) -> None:
+    """Give every tensor still on the meta device (after the base weights were assigned: the adapter's) its
+    initial value from `seed`, on `device`, in float32: the model then equals its base exactly."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        for module in model.modules():
+            meta = [(n, p) for n, p in module.named_parameters(recurse=False) if p.is_meta]
+            for name, p in meta:
+                setattr(module, name, nn.Parameter(torch.empty(p.shape, device=device), requires_grad=p.requires_grad))
+            if meta and hasattr(module, "reset_parameters"):
+                module.reset_parameters()  # every reset_parameters touches only adapter tensors
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
+def with_layout(base: Config, layout: Config) -> Config:
+    """The LLaMA dims of `base` with the adapter switches of `layout` (a preset made for another size)."""
+    base_fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "multiple_of",
+                   "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len")
+    layers = dict(adapter_layers=min(layout.adapter_layers, base.n_layers),
+                  visual_layers=min(layout.visual_layers, base.n_layers))
+    if layout.fusion == "add" and layout.adapter_layers == layout.n_layers - 1:
+        layers["adapter_layers"] = base.n_layers - 1  # the release's "all but the first layer"
+    if layout.fusion == "early" and layout.visual_len:
+        layers["adapter_layers"] = min(layers["adapter_layers"], base.n_layers - layers["visual_layers"])
+    return replace(layout, **{f: getattr(base, f) for f in base_fields}, **layers)
+
+
 QUANTIZE = ("int8", "8bit")
 
 
@@ -576,7 +632,7 @@ def load(path, device=None, dtype=None, *, quantize: Optional[str] = None, layou
             raise Lav2Error(f"{folder}: is a fine-tuned model folder; give the plain LLaMA folder it builds on "
                             f"(its lav2.json 'base') as the recipe's base")
         try:
-            config = config.with_layout(Config.from_name(layout))
+            config = with_layout(config, Config.from_name(layout))
         except (KeyError, ValueError) as e:
             raise Lav2Error(f"layout {layout} does not fit the base {folder} ({e})") from None
     state, clip_spec, clip_folder = collect_weights(folder, info, device)  # read straight onto the device
@@ -613,7 +669,7 @@ def load(path, device=None, dtype=None, *, quantize: Optional[str] = None, layou
             raise Lav2Error("int8 weight-only matrices are for inference; train with load_in_8bit (bitsandbytes)")
         fastpath.quantize_int8_(model)
     elif layout is None:
-        fastpath.decode_layout_(model)
+        fastpath.store_for_decoding_(model)
     tokenizer = Tokenizer(folder / TOKENIZER_FILE)
     return Loaded(model=model, tokenizer=tokenizer, preprocess=preprocess, config=config, folder=folder, info=info,
                   clip_spec=clip_spec)

@@ -97,6 +97,41 @@ def merge(run_dir, out, dtype):
     click.echo(f"merged model folder: {folder}")
 
 
+@main.command(name="eval")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="Model folder.")
+@click.option("--task", required=True, metavar="caption|mme|choice|vqa", help="The benchmark's kind.")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="The task's data file (MME: its "
+              "release folder).")
+@click.option("--image-root", type=click.Path(path_type=Path), help="Folder the data's image names are relative "
+              "to (default: the data file's folder).")
+@click.option("--out", type=click.Path(path_type=Path), help="Folder for predictions.jsonl and metrics.json; "
+              "running again with it resumes (default: eval/MODEL-TASK-DATA).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Questions decoded together.")
+@click.option("--limit", type=int, help="Evaluate the first N items only.")
+@click.option("--split", help="caption, Karpathy split JSON: the part to evaluate (default: test).")
+@click.option("--annotations", type=click.Path(path_type=Path), help="vqa, VQAv2 questions file: its annotations "
+              "file (default: found beside it).")
+@click.option("--device", help="torch device, e.g. cpu, cuda (default: cuda if available).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="Weights dtype (default: bfloat16 on CUDA, float32 on CPU).")
+def eval_(model_dir, task, data, image_root, out, batch_size, limit, split, annotations, device, dtype):
+    """Answer a benchmark with a model (greedy, batched) and score it as the benchmark does.
+
+    \b
+    caption  COCO caption annotations, a Karpathy split JSON or [{image, captions}]: BLEU, METEOR, ROUGE_L, CIDEr
+    mme      MME's release folder: acc + acc+ per subtask, perception and cognition totals
+    choice   [{question, options, answer (letter or index), image?, category?}]: letter accuracy (ScienceQA)
+    vqa      [{image, question, answers}] or VQAv2's questions file: VQAv2 soft accuracy
+
+    Lists are JSON or JSONL files. A killed run started again with the same --out answers only what is left.
+    """
+    from lav2 import eval as ev
+
+    ev.evaluate(model_dir, task=task, data=data, image_root=image_root,
+                out=out or ev.default_out(model_dir, task, data), batch_size=batch_size, limit=limit, split=split,
+                annotations=annotations, device=device, dtype=dtype)
+
+
 # the options of the commands that load a model to answer with it: chat and serve
 model_option = click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model folder (default: "
                             "$LAV2_HOME/7b, else ~/.cache/lav2/7b; `lav2 download 7b` makes it).")

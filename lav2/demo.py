@@ -152,7 +152,7 @@ def write_demo(folder: Path, *, seed: int, images: int, heldout: int) -> None:
     train = draw_set(folder / "data" / "images", images, seed, IMAGE_SIZE)
     held = draw_set(folder / "heldout", heldout, seed * 1000 + HELDOUT_SEED, IMAGE_SIZE)
     write_jsonl(folder / "heldout" / "eval.jsonl",
-                [{"image": r["image"], "question": question, "answers": [answer] * 10, "question_type": kind}
+                [{"image": r["image"], "question": question, "answers": [answer] * 10, "answer_type": kind}
                  for r in held for (question, answer), kind in zip(answers(r["colour"], r["shape"]).items(),
                                                                    ("colour", "shape"))])
     write_jsonl(folder / "data" / "captions.jsonl",

@@ -3,7 +3,7 @@
 model.py computes every frozen product as `AdapterLinear.frozen(x)` = W x and attends through `Attention.attend`.
 This module swaps those, as gpt-fast's quantize.py swaps linears, so that the method's forward never knows:
 
-- `decode_layout_`: CPU float32 matrices stored (in, out)-contiguous on 2 MiB pages, the order and page size
+- `store_for_decoding_`: CPU float32 matrices stored (in, out)-contiguous on 2 MiB pages, the order and page size
   in which a matrix-vector product (a decode step) streams them fastest; values and state dict keys unchanged;
 - `quantize_int8_`: weight-only int8 with a scale per row (CPU decoding: a quarter of the bytes to stream);
 - `quantize_8bit_`: bitsandbytes LLM.int8 (the 8-bit base of training, and int8 chat on CUDA);
@@ -45,7 +45,7 @@ def empty_on_huge_pages(rows: int, cols: int, dtype: torch.dtype = torch.float32
     return torch.frombuffer(memory, dtype=dtype).view(rows, cols)
 
 
-def decode_layout(weight: torch.Tensor) -> torch.Tensor:
+def decode_storage(weight: torch.Tensor) -> torch.Tensor:
     """A (out, in) weight with the same shape and values, stored the way a CPU matrix-vector product streams it
     fastest: float32 (in, out)-contiguous on huge pages (MKL's kernel for x @ W reads a contiguous W faster than
     PyTorch's usual (out, in) storage). Other dtypes and devices are returned as they are."""
@@ -57,12 +57,12 @@ def decode_layout(weight: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def decode_layout_(model: LLaMAAdapter) -> LLaMAAdapter:
-    """Store every float block matrix and the output head in decode_layout, in place (each old copy is freed
+def store_for_decoding_(model: LLaMAAdapter) -> LLaMAAdapter:
+    """Store every float block matrix and the output head in decode_storage, in place (each old copy is freed
     as its replacement is made, so the model never exists twice)."""
     for module in model.modules():
         if type(module) is AdapterLinear or module is model.output and isinstance(module, nn.Linear):
-            module.weight.data = decode_layout(module.weight.data)
+            module.weight.data = decode_storage(module.weight.data)
     return model
 
 

@@ -61,3 +61,11 @@ def test_memory_7b_is_labelled_an_estimate_on_cpu():
     assert MEMORY_KEYS <= set(result)
     assert result["estimate"] is True
     assert result["total_bytes"] == sum(result["breakdown"].values())
+
+
+def test_eval_reports_items_per_second_at_each_batch_size():
+    result = bench("--threads", "1", "eval", "--config", "tiny", "--items", "4", "--batch-sizes", "1,4",
+                   "--new-tokens", "3")
+    assert result["benchmark"] == "eval" and MACHINE_KEYS <= set(result["machine"])
+    assert set(result["items_per_s"]) == {"1", "4"} and all(v > 0 for v in result["items_per_s"].values())
+    assert result["speedup"] == result["items_per_s"]["4"] / result["items_per_s"]["1"]

@@ -136,10 +136,10 @@ def test_official_checkpoint_loads_back_with_identical_logits(tmp_path, tiny_bas
 
 
 def test_a_loading_model_holds_its_matrices_once(tiny_official, monkeypatch):
-    """load stores the block matrices anew for decoding (decode_layout_): the memory they were read into must be
+    """load stores the block matrices anew for decoding (store_for_decoding_): the memory they were read into must be
     freed as that happens, or a 7B model would briefly sit in memory twice."""
     read, freed_when_laid_out = [], []
-    load_state_dict, decode_layout_ = LLaMAAdapter.load_state_dict, fastpath.decode_layout_
+    load_state_dict, store_for_decoding_ = LLaMAAdapter.load_state_dict, fastpath.store_for_decoding_
 
     def recording(self, state, *args, **kwargs):
         read.extend(weakref.ref(t.untyped_storage()) for k, t in state.items()
@@ -147,12 +147,12 @@ def test_a_loading_model_holds_its_matrices_once(tiny_official, monkeypatch):
         return load_state_dict(self, state, *args, **kwargs)
 
     def laying_out(model):
-        decode_layout_(model)
+        store_for_decoding_(model)
         gc.collect()
         freed_when_laid_out.extend(storage() is None for storage in read)
 
     monkeypatch.setattr(LLaMAAdapter, "load_state_dict", recording)
-    monkeypatch.setattr(fastpath, "decode_layout_", laying_out)
+    monkeypatch.setattr(fastpath, "store_for_decoding_", laying_out)
     loaded = lav2.load(tiny_official[1], device="cpu")
     assert loaded.model.layers[0].attention.wq.weight.t().is_contiguous()  # laid out for decoding
     assert len(freed_when_laid_out) == 7 * len(loaded.model.layers) and all(freed_when_laid_out)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import random_llama
-from lav2.fastpath import (Int8Head, Int8Linear, decode_layout_, empty_on_huge_pages, quantize_int8_,
+from lav2.fastpath import (Int8Head, Int8Linear, store_for_decoding_, empty_on_huge_pages, quantize_int8_,
                            single_query_attention)
 from lav2.generate import compiled_step
 from lav2.model import EXTRAS, AdapterLinear, Config, adapter_state_dict, fold_adapters_
@@ -76,10 +76,10 @@ def test_huge_page_matrix_lives_in_its_own_mapping_until_its_last_view_goes():
 
 
 @pytest.mark.parametrize("layout", ["tiny-paper", "tiny-official-lora"])
-def test_decode_layout_changes_storage_only_and_survives_fold_and_copy(layout):
+def test_store_for_decoding_changes_storage_only_and_survives_fold_and_copy(layout):
     model = random_llama(Config.from_name(layout), seed=7).eval()
     model.visual.clip = tiny_clip()
-    laid = decode_layout_(copy.deepcopy(model))
+    laid = store_for_decoding_(copy.deepcopy(model))
     wk = laid.layers[1].attention.wk.weight
     assert not wk.is_contiguous() and wk.t().is_contiguous()  # stored (in, out)-contiguous
     before, after = model.state_dict(), laid.state_dict()

@@ -121,14 +121,13 @@ def expected(loaded, dialog: list[Turn], image=None, max_new_tokens: int = 12) -
                                                                             max_new_tokens=max_new_tokens))[0]
 
 
-def request(base: str, method: str, path: str, body: bytes | dict | None = None, *, key: str | None = None,
-            headers: dict | None = None) -> tuple[int, dict]:
+def request(base: str, method: str, path: str, body: bytes | dict | None = None, *,
+            key: str | None = None) -> tuple[int, dict]:
     """Raw HTTP, for what the openai client will not send (malformed JSON, wrong types, no key)."""
     parts = urlsplit(base)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     data = json.dumps(body).encode() if isinstance(body, dict) else body
-    sent = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}),
-            **(headers or {})}
+    sent = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     try:
         conn.request(method, path, body=data, headers=sent)
         response = conn.getresponse()
@@ -167,13 +166,12 @@ def health(base: str) -> dict:
     return body
 
 
-def assert_openai_error(status: int, body: dict, expected_status: int, fragment: str) -> str:
+def assert_openai_error(status: int, body: dict, expected_status: int, fragment: str) -> None:
     assert status == expected_status, body
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
     message = body["error"]["message"]
     assert fragment in message and "\n" not in message, message
     assert body["error"]["type"] == ("invalid_request_error" if expected_status < 500 else "server_error")
-    return message
 
 
 # --- answers ------------------------------------------------------------------------------------------------

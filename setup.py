@@ -29,11 +29,17 @@ setup(
         "PyYAML>=6",
         "matplotlib>=3.7",
         "pycocoevalcap>=1.2",  # COCO caption metrics (BLEU, METEOR, ROUGE_L, CIDEr) as papers report them
+        # lav2 serve, a core command (no extra): FastAPI and uvicorn are small and pure Python, and serve imports
+        # pydantic and starlette (FastAPI's own foundations) by name too
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "pydantic>=2.6",
+        "starlette>=0.37",
     ],
     extras_require={
         "8bit": ["bitsandbytes>=0.43"],
         "ocr": ["pytesseract>=0.3.10"],
-        "test": ["pytest>=8", "transformers>=4.40", "bitsandbytes>=0.43", "pytesseract>=0.3.10"],
+        "test": ["pytest>=8", "transformers>=4.40", "bitsandbytes>=0.43", "pytesseract>=0.3.10", "openai>=1.40"],
     },
     entry_points={"console_scripts": ["lav2 = lav2.cli:main"]},
 )

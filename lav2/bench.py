@@ -651,5 +651,111 @@ def eval_command(config_name, items, batch_sizes, new_tokens, device, table):
                     new_tokens=new_tokens, device=device), table)
 
 
+# --- serve: the HTTP API under concurrent clients --------------------------------------------------------
+
+
+def word_tokenizer(path: Path, vocab_size: int) -> None:
+    """Write a tokenizer whose pieces are mostly whole pseudo-words. random_folder's is nearly all byte pieces, and
+    a random model's bytes decode to U+FFFD, which streaming holds back to the end of the answer: the time to the
+    first token would be the time to the last."""
+    import itertools
+    import random
+
+    words = ["".join(w) for w in itertools.product(["ka", "lo", "mi", "ne", "ru", "ta", "vo", "zi"], repeat=3)]
+    random.Random(0).shuffle(words)
+    train_tokenizer([" ".join(words[i:i + 12]) for i in range(0, len(words), 12)] * 10, path, vocab_size=vocab_size)
+
+
+def stream_one(url: str, body: dict) -> tuple[float, float, int]:
+    """POST a streaming chat completion; (seconds to the first content delta, total seconds, completion tokens)."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
+    start = time.perf_counter()
+    first, tokens = None, 0
+    try:
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body).encode(),
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"the server answered {response.status}: {response.read()[:500]!r}")
+        for line in response:
+            if not line.startswith(b"data: {"):
+                continue
+            event = json.loads(line[len(b"data: "):])
+            if first is None and any(c["delta"].get("content") for c in event["choices"]):
+                first = time.perf_counter() - start
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    finally:
+        conn.close()
+    total = time.perf_counter() - start
+    return (total if first is None else first), total, tokens
+
+
+def drive_clients(url: str, *, clients: int, requests: int, body: dict) -> dict:
+    """`clients` threads send `requests` streaming requests in all, each client one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        done = list(pool.map(lambda _: stream_one(url, body), range(requests)))
+    seconds = time.perf_counter() - start
+    tokens = sum(d[2] for d in done)
+    return {"requests": requests, "seconds": seconds, "requests_per_s": requests / seconds,
+            "completion_tokens": tokens, "completion_tokens_per_s": tokens / seconds,
+            "time_to_first_token_s_median": statistics.median(d[0] for d in done),
+            "request_s_median": statistics.median(d[1] for d in done)}
+
+
+def bench_serve(*, config_name: str, clients: list[int], requests: int, max_tokens: int, max_batch: int,
+                device: Optional[str]) -> dict:
+    """Requests/s, completion tokens/s and the median time to first token of `lav2 serve` (in process, on
+    127.0.0.1) at each number of concurrent streaming clients; greedy answers of up to max_tokens."""
+    from lav2.serve import create_app, serving
+
+    dev = pick_device(device)
+    config = replace(CONFIGS[config_name], visual_len=0, visual_layers=0)
+    body = {"messages": [{"role": "user", "content": "Describe a red circle next to a blue square."}],
+            "temperature": 0, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = random_folder(config, Path(tmp) / f"random-{config_name}")
+        word_tokenizer(folder / checkpoint.TOKENIZER_FILE, vocab_size=min(1024, config.vocab_size))
+        loaded = checkpoint.load(folder, device=dev)
+        with serving(create_app(loaded, max_batch=max_batch, max_queue=max(clients))) as url:
+            stream_one(url, body)  # warm-up
+            figures = {str(n): drive_clients(url, clients=n, requests=requests, body=body) for n in clients}
+    return {"benchmark": "serve", "config": config_name, "params": count(loaded.model), "max_batch": max_batch,
+            "max_tokens": max_tokens, "prompt_tokens": len(loaded.tokenizer.encode(body["messages"][0]["content"])),
+            "clients": figures, "machine": machine(dev)}
+
+
+def client_counts(ctx, param, value: str) -> list[int]:
+    try:
+        counts = [int(n) for n in value.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise click.BadParameter("a comma-separated list of client counts, such as 1,8")
+    return counts
+
+
+@main.command("serve")
+@click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default="small", show_default=True)
+@click.option("--clients", default="1,8", show_default=True, callback=client_counts,
+              help="Concurrent streaming clients, one measurement per count.")
+@click.option("--requests", default=16, show_default=True, help="Requests per measurement.")
+@click.option("--max-tokens", default=32, show_default=True, help="Answer length asked for (greedy).")
+@click.option("--max-batch", default=8, show_default=True, help="The server's --max-batch.")
+@device_option
+@table_option
+def serve_command(config_name, clients, requests, max_tokens, max_batch, device, table):
+    """Throughput and time to first token of `lav2 serve` at 1 and at several concurrent clients."""
+    emit(bench_serve(config_name=config_name, clients=clients, requests=requests, max_tokens=max_tokens,
+                     max_batch=max_batch, device=device), table)
+
+
 if __name__ == "__main__":
     main()

@@ -132,17 +132,25 @@ def eval_(model_dir, task, data, image_root, out, batch_size, limit, split, anno
                 annotations=annotations, device=device, dtype=dtype)
 
 
+# the options of the commands that load a model to answer with it: chat and serve
+model_option = click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model folder (default: "
+                            "$LAV2_HOME/7b, else ~/.cache/lav2/7b; `lav2 download 7b` makes it).")
+device_option = click.option("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available).")
+dtype_option = click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
+                            help="Weights dtype (default: bfloat16 on CUDA, float32 on CPU).")
+quantize_option = click.option("--quantize", type=click.Choice(["int8"]), help="Frozen weights in int8 (one byte "
+                               "each): bitsandbytes LLM.int8 on CUDA (needs bitsandbytes); torch's weight-only int8 "
+                               "kernel on CPU.")
+
+
 @main.command()
-@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Model folder (default: "
-              "$LAV2_HOME/7b, else ~/.cache/lav2/7b; `lav2 download 7b` makes it).")
+@model_option
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
               help="Image to talk about (one: the model takes one image per conversation).")
 @click.option("--prompt", help="Answer this one prompt, print only the answer and exit (for scripts).")
-@click.option("--device", help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
-              help="Weights dtype (default: bfloat16 on CUDA, float32 on CPU).")
-@click.option("--quantize", type=click.Choice(["int8"]), help="Frozen weights in int8 (one byte each): "
-              "bitsandbytes LLM.int8 on CUDA (needs bitsandbytes); torch's weight-only int8 kernel on CPU.")
+@device_option
+@dtype_option
+@quantize_option
 @click.option("--expert", "experts", multiple=True, metavar="caption|caption=FILE|ocr", help="Add what an expert "
               "model says about the image to the prompt: a CoCa caption (weights from the hub once, or FILE) or "
               "Tesseract OCR (repeatable).")
@@ -169,6 +177,32 @@ def chat(model_dir, images, prompt, device, dtype, quantize, experts, temperatur
                         repetition_penalty=repetition_penalty, seed=seed)
     chat_mod.run(model_dir=model_dir, images=list(images), prompt=prompt, device=device, dtype=dtype,
                  quantize=quantize, experts=list(experts), sampling=sampling, compile=compile)
+
+
+@main.command()
+@model_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 for every interface (then set an API key).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0: a free port.")
+@click.option("--api-key", envvar="LAV2_API_KEY", help="Require `Authorization: Bearer KEY` on /v1 (default: "
+              "$LAV2_API_KEY; unset: no key).")
+@quantize_option
+@click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True,
+              help="Most requests decoded together in one batch.")
+@click.option("--max-queue", type=click.IntRange(1), default=32, show_default=True,
+              help="Most requests waiting for the model; more are answered 503.")
+@device_option
+@dtype_option
+def serve(model_dir, host, port, api_key, quantize, max_batch, max_queue, device, dtype):
+    """Serve a model over the OpenAI chat-completions API (POST /v1/chat/completions, GET /v1/models).
+
+    Any OpenAI client works with base_url http://HOST:PORT/v1. Images go in as data URLs; remote URLs are not
+    fetched. Ctrl-C stops the server.
+    """
+    from lav2 import serve as serve_mod
+
+    serve_mod.run(model_dir=model_dir, host=host, port=port, api_key=api_key, device=device, dtype=dtype,
+                  quantize=quantize, max_batch=max_batch, max_queue=max_queue)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def default_model_dir() -> Path:
 
 
 def load_model(model_dir: Optional[Path], *, device: Optional[str], dtype: Optional[str], quantize: Optional[str]):
-    """The folder to chat with (default: the downloaded 7b), loaded for inference."""
+    """The folder to chat with (default: the downloaded 7b), loaded for inference in what fits (memory.py)."""
     from lav2.checkpoint import DTYPES, load
 
     if model_dir is None:
@@ -50,7 +50,10 @@ def load_model(model_dir: Optional[Path], *, device: Optional[str], dtype: Optio
         if not model_dir.exists():
             raise Lav2Error(f"no model at {model_dir} (the default): it is not downloaded yet; run "
                             f"`lav2 download 7b`, or give a model folder with --model DIR")
-    return load(model_dir, device=device, dtype=DTYPES[dtype] if dtype else None, quantize=quantize)
+    loaded = load(model_dir, device=device, dtype=DTYPES[dtype] if dtype else None, quantize=quantize)
+    if loaded.memory_note:  # the dtype was chosen to fit: say so before the first answer
+        print(loaded.memory_note, file=sys.stderr)
+    return loaded
 
 
 # --- the one-shot and the REPL -----------------------------------------------------------------------------

@@ -90,15 +90,24 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 META_SHARD_DIM = {"tok_embeddings": 1, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "wo": 1, "w2": 1, "output": 0}
 
 
-def meta_to_lav2(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Join Meta's consolidated.*.pth shards; Meta's names are ours already."""
+# A tensor not read yet: its shape, and how to read it (and convert it to lav2's form).
+Lazy = tuple[torch.Size, Callable[[], torch.Tensor]]
+
+
+def meta_to_lav2(shards: list[dict[str, torch.Tensor]]) -> dict[str, Lazy]:
+    """Join Meta's consolidated.*.pth shards (memory-mapped); Meta's names are ours already."""
     joined = {}
     for key in shards[0]:
         if key == "rope.freqs":  # a cached RoPE table in some Meta files, recomputed by us
             continue
         parts = [shard[key] for shard in shards]
         dim = META_SHARD_DIM.get(key.split(".")[-2])
-        joined[key] = parts[0] if len(parts) == 1 or dim is None or key.endswith("norm.weight") else torch.cat(parts, dim)
+        if len(parts) == 1 or dim is None or key.endswith("norm.weight"):
+            joined[key] = (parts[0].shape, lambda part=parts[0]: part)
+        else:
+            shape = list(parts[0].shape)
+            shape[dim] = sum(part.shape[dim] for part in parts)
+            joined[key] = (torch.Size(shape), lambda parts=parts, dim=dim: torch.cat(parts, dim))
     return joined
 
 
@@ -113,31 +122,28 @@ HF_LAYER_KEYS = {
     "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
     "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm",
 }
+HF_KEYS = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+           "lm_head.weight": "output.weight"}
 
 
-def hf_to_lav2(state: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:
+def hf_to_lav2(state: dict[str, Lazy], config: Config) -> dict[str, Lazy]:
+    """Hugging Face LLaMA names to ours; q and k are un-permuted as they are read."""
     out = {}
-    for key, tensor in state.items():
+    for key, (shape, read) in state.items():
         if key.endswith("rotary_emb.inv_freq"):
             continue
-        if key == "model.embed_tokens.weight":
-            out["tok_embeddings.weight"] = tensor
-        elif key == "model.norm.weight":
-            out["norm.weight"] = tensor
-        elif key == "lm_head.weight":
-            out["output.weight"] = tensor
-        elif m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", key):
-            if m.group(2) not in HF_LAYER_KEYS:
-                raise Lav2Error(f"unexpected Hugging Face weight {key}: not a LLaMA checkpoint")
+        if key in HF_KEYS:
+            out[HF_KEYS[key]] = (shape, read)
+        elif (m := re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", key)) and m.group(2) in HF_LAYER_KEYS:
             name = HF_LAYER_KEYS[m.group(2)]
-            if name == "attention.wq":
-                tensor = unpermute_rope(tensor, config.n_heads)
-            elif name == "attention.wk":
-                tensor = unpermute_rope(tensor, config.n_kv_heads)
-            out[f"layers.{m.group(1)}.{name}.weight"] = tensor
+            heads = {"attention.wq": config.n_heads, "attention.wk": config.n_kv_heads}.get(name)
+            if heads is not None:
+                read = (lambda read=read, heads=heads: unpermute_rope(read(), heads))
+            out[f"layers.{m.group(1)}.{name}.weight"] = (shape, read)
         else:
             raise Lav2Error(f"unexpected Hugging Face weight {key}: not a LLaMA checkpoint")
-    out.setdefault("output.weight", out.get("tok_embeddings.weight"))  # tied embeddings
+    if "output.weight" not in out and "tok_embeddings.weight" in out:  # tied embeddings
+        out["output.weight"] = out["tok_embeddings.weight"]
     return out
 
 
@@ -297,13 +303,34 @@ def config_from_hf(hf: dict, src: Path) -> Config:
         raise Lav2Error(f"{src}/config.json: not a LLaMA config ({e})") from None
 
 
-def read_base_weights(source: Source) -> dict[str, torch.Tensor]:
+def read_base_weights(source: Source) -> dict[str, Lazy]:
+    """A source folder's weights under lav2 names, none read yet (safetensors headers, memory-mapped pickles)."""
     if source.kind == "meta":
         return meta_to_lav2([read_torch_file(f) for f in source.weight_files])
-    state = {}
+    state: dict[str, Lazy] = {}
     for f in source.weight_files:
-        state.update(read_weights(f))
+        if f.suffix == ".safetensors":
+            state.update({k: (t.shape, lambda f=f, k=k: next(read_tensors([f], only={k}))[1])
+                          for k, t in tensor_shapes([f]).items()})
+        else:
+            state.update({k: (t.shape, lambda t=t: t) for k, t in read_torch_file(f).items()})
     return hf_to_lav2(state, source.config)
+
+
+SHARD_BYTES = 2 * 2**30  # a shard of a written base: what import and merge hold in memory at once
+
+
+def shards(tensors: Iterator[tuple[str, torch.Tensor]], max_bytes: int = SHARD_BYTES) -> Iterator[dict[str, torch.Tensor]]:
+    """(key, tensor) pairs grouped into state dicts of at most max_bytes (or one tensor), for write_folder."""
+    shard, size = {}, 0
+    for key, tensor in tensors:
+        if shard and size + tensor.nbytes > max_bytes:
+            yield shard
+            shard, size = {}, 0
+        shard[key] = tensor.contiguous()
+        size += tensor.nbytes
+    if shard:
+        yield shard
 
 
 def meta_model(config: Config) -> LLaMAAdapter:
@@ -500,6 +527,9 @@ def write_folder(out: Path, *, config: Config, layout: str, tokenizer: Path, bas
             weights.append(f"model-{i:05d}.safetensors")
             save_tensors(shard, out / weights[-1])
             del shard
+        if len(weights) == 1:  # small enough for one file: the plain name
+            os.replace(out / weights[0], out / WEIGHTS_FILE)
+            weights = WEIGHTS_FILE
     if adapter:
         save_tensors(adapter, out / ADAPTER_FILE)
     if clip_weights is not None:
@@ -521,8 +551,8 @@ def import_model(src: Path, out: Path, *, adapter: Optional[Path] = None, clip: 
     base_config, layout = source.config, "llama"
     base_state = read_base_weights(source)
     base_model = meta_model(base_config)
-    check_state(base_state, {k: v for k, v in base_model.state_dict().items() if k in base_state_names(base_model)},
-                f"{src}")
+    check_state({k: torch.empty(shape, device="meta") for k, (shape, _) in base_state.items()},
+                {k: v for k, v in base_model.state_dict().items() if k in base_state_names(base_model)}, f"{src}")
     config, adapter_state, prompt_style, clip_spec, clip_weights = base_config, None, "chat", None, None
     if adapter is not None:
         adapter = Path(adapter)
@@ -543,7 +573,8 @@ def import_model(src: Path, out: Path, *, adapter: Optional[Path] = None, clip: 
             raise Lav2Error(f"{clip}: CLIP output width {clip_weights['proj'].shape[1]} != the adapter's "
                             f"clip_dim {config.clip_dim}; use the CLIP the adapter was trained with")
     with atomic_folder(out) as tmp:
-        write_folder(tmp, config=config, layout=layout, tokenizer=source.tokenizer, base_weights=base_state,
+        base_weights = shards((key, read()) for key, (_, read) in base_state.items())  # read as written
+        write_folder(tmp, config=config, layout=layout, tokenizer=source.tokenizer, base_weights=base_weights,
                      adapter=adapter_state, clip_spec=clip_spec, clip_weights=clip_weights, prompt_style=prompt_style,
                      source=dict(base=str(src.resolve()), adapter=str(adapter.resolve()) if adapter else None))
     return out
@@ -676,8 +707,19 @@ def tensor_shapes(files: list[Path]) -> dict[str, torch.Tensor]:
     return shapes
 
 
-def read_tensors(files: list[Path], device="cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """The files' tensors one at a time (a later file's tensor of the same name wins, as with dict.update)."""
+def tensor_dtypes(files: list[Path], keys: set[str]) -> dict[str, torch.dtype]:
+    """The stored dtype of some tensors, from the files' headers."""
+    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    found = {}
+    for path in files:
+        with safe_open(path, "pt") as f:
+            found.update({k: names.get(f.get_slice(k).get_dtype(), torch.float32) for k in f.keys() if k in keys})
+    return found
+
+
+def read_tensors(files: list[Path], device="cpu", only: Optional[set[str]] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """The files' tensors one at a time (a later file's tensor of the same name wins, as with dict.update);
+    only: read just these keys."""
     last = {}
     for i, path in enumerate(files):
         try:
@@ -689,7 +731,7 @@ def read_tensors(files: list[Path], device="cpu") -> Iterator[tuple[str, torch.T
         try:
             with safe_open(path, "pt", device=str(device)) as f:
                 for key in f.keys():
-                    if last[key] == i:
+                    if last[key] == i and (only is None or key in only):
                         yield key, f.get_tensor(key)
         except (SafetensorError, OSError) as e:
             raise Lav2Error(f"{path}: cannot read as safetensors ({e}); the file may be truncated: download it "
@@ -774,6 +816,22 @@ def assign_(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
         module._buffers[name] = tensor
 
 
+def model_config(folder: Path, *, layout: Optional[str] = None) -> tuple[dict, Config]:
+    """A folder's lav2.json and its model config; with `layout`, the base's LLaMA with that preset's adapter
+    (the folder must then be a plain base)."""
+    info = read_folder_info(folder)
+    config = Config.from_dict(info["config"])
+    if layout is None:
+        return info, config
+    if info.get("adapter"):
+        raise Lav2Error(f"{folder}: is a fine-tuned model folder; give the plain LLaMA folder it builds on "
+                        f"(its lav2.json 'base') as the recipe's base")
+    try:
+        return info, with_layout(config, Config.from_name(layout))
+    except (KeyError, ValueError) as e:
+        raise Lav2Error(f"layout {layout} does not fit the base {folder} ({e})") from None
+
+
 def load(path, device=None, dtype=None, *, quantize: Optional[str] = None, layout: Optional[str] = None,
          seed: int = 0) -> Loaded:
     """Build the model of a lav2 folder: the one way from a folder to a model, for chat, eval, serve, fine-tuning
@@ -786,25 +844,16 @@ def load(path, device=None, dtype=None, *, quantize: Optional[str] = None, layou
     initialised from `seed`, float32 and trainable, the frozen base in `dtype` (quantize "8bit": bitsandbytes).
     """
     folder = Path(path)
-    info = read_folder_info(folder)
+    info, config = model_config(folder, layout=layout)
     device = pick_device(device)
     if quantize not in (None, *QUANTIZE):
         raise Lav2Error(f"quantize must be one of {', '.join(QUANTIZE)}, not {quantize!r}")
-    config = Config.from_dict(info["config"])
     note = None
     if layout is None:  # inference: load what fits (training checks its own, larger, need: finetune)
         plan = memory.plan_inference(config, device, dtype=dtype, quantize=quantize, default_dtype=default_dtype(device),
                                      clip_params=clip_params(effective_clip(folder, info)) if config.visual_len else 0)
         dtype, quantize, note = plan.dtype, plan.quantize, plan.note
     dtype = dtype or default_dtype(device)
-    if layout is not None:
-        if info.get("adapter"):
-            raise Lav2Error(f"{folder}: is a fine-tuned model folder; give the plain LLaMA folder it builds on "
-                            f"(its lav2.json 'base') as the recipe's base")
-        try:
-            config = with_layout(config, Config.from_name(layout))
-        except (KeyError, ValueError) as e:
-            raise Lav2Error(f"layout {layout} does not fit the base {folder} ({e})") from None
     files, clip_spec, clip_folder = weight_files(folder, info)
     model = meta_model(config)  # no CLIP yet: its weights load below
     expected = model.state_dict()
@@ -855,28 +904,34 @@ def merge(run_dir, *, out, dtype: Optional[str] = None) -> Path:
     run_dir, out = Path(run_dir), Path(out)
     info = read_folder_info(run_dir)
     config = Config.from_dict(info["config"])
-    state, clip_spec, clip_folder = collect_weights(run_dir, info)
+    files, clip_spec, clip_folder = weight_files(run_dir, info)
     model = meta_model(config)
-    check_state(state, {k: v for k, v in model.state_dict().items() if not k.startswith("visual.clip.")}, f"{run_dir}")
+    check_state(tensor_shapes(files), {k: v for k, v in model.state_dict().items() if not k.startswith("visual.clip.")},
+                f"{run_dir}")
     merged = merged_config(config)
-    for name, module in model.named_modules():
-        if isinstance(module, AdapterLinear):
-            foldable = ("scale",) + (() if name.rsplit(".", 1)[-1] in merged.lora_targets else ("lora_a", "lora_b"))
-            extras = {p: state.pop(f"{name}.{p}", None) for p in foldable}
-            bias_key = f"{name}.bias"
-            state[f"{name}.weight"], bias = fold_linear(state[f"{name}.weight"], state.get(bias_key), **extras)
-            if bias is not None:
-                state[bias_key] = bias
     base_names = base_state_names(meta_model(merged))
-    base_dtype = DTYPES[dtype] if dtype else state["tok_embeddings.weight"].dtype
-    base = {k: v.to(base_dtype) for k, v in state.items() if k in base_names}
-    adapter = {k: v for k, v in state.items() if k not in base_names}
+    small = dict(read_tensors(files, only=set(model.state_dict()) - base_names))  # the adapter and the norms
+    base_dtype = DTYPES[dtype] if dtype else next(iter(tensor_dtypes(files, {"tok_embeddings.weight"}).values()))
+    linears = {name: name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, AdapterLinear)}
+
+    def folded() -> Iterator[tuple[str, torch.Tensor]]:  # the base matrices one at a time, folded as they come
+        for key, tensor in read_tensors(files, only=base_names):
+            name = key.removesuffix(".weight")
+            if name in linears:
+                foldable = ("scale",) + (() if linears[name] in merged.lora_targets else ("lora_a", "lora_b"))
+                extras = {p: small.pop(f"{name}.{p}", None) for p in foldable}
+                tensor, bias = fold_linear(tensor, small.get(f"{name}.bias"), **extras)
+                if bias is not None:
+                    small[f"{name}.bias"] = bias
+            yield key, tensor.to(base_dtype)
+
+    adapter = small  # what folding leaves (prompts, gates, biases, norms, visual branch), once the base is written
     clip_weights = None
     if clip_spec is not None and "weights" in clip_spec:
         clip_weights = read_safetensors(clip_folder / clip_spec["weights"])
         clip_spec = {**clip_spec, "weights": CLIP_FILE}
     with atomic_folder(out) as tmp:
         write_folder(tmp, config=merged, layout=info.get("layout", "llama"), tokenizer=run_dir / TOKENIZER_FILE,
-                     base_weights=base, adapter=adapter, clip_spec=clip_spec, clip_weights=clip_weights,
+                     base_weights=shards(folded()), adapter=adapter, clip_spec=clip_spec, clip_weights=clip_weights,
                      prompt_style=info.get("prompt_style", "chat"), source=dict(merged_from=str(run_dir.resolve())))
     return out

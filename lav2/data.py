@@ -501,7 +501,8 @@ def drop_bad_images(loaded: list[tuple[Source, list[Record], LoadReport]], skip:
         report.kept = len(records)
     if not skip:
         more = f"; and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
-        raise Lav2Error(f"{len(problems)} records have an unreadable image: {'; '.join(problems[:SHOWN_PROBLEMS])}"
+        counted = "1 record has" if len(problems) == 1 else f"{len(problems)} records have"
+        raise Lav2Error(f"{counted} an unreadable image: {'; '.join(problems[:SHOWN_PROBLEMS])}"
                         f"{more}; replace the images, or set train.skip_bad_records: true to skip those records")
 
 

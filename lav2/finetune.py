@@ -43,7 +43,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from lav2 import checkpoint
+from lav2 import checkpoint, memory
 from lav2.data import IGNORE_INDEX, Batch, PreparedData, prepare
 from lav2.download import lav2_home
 from lav2.errors import Lav2Error
@@ -127,6 +127,15 @@ def build_model(recipe: Recipe, device: str) -> checkpoint.Loaded:
     t = recipe.train
     base_dir = resolve_base(recipe.base, str(recipe.path))
     dtype = checkpoint.DTYPES[t.precision]
+    try:
+        info, config = checkpoint.model_config(base_dir, layout=recipe.layout)
+    except Lav2Error as e:
+        raise Lav2Error(f"{recipe.path}: {e}") from None
+    clip = checkpoint.effective_clip(base_dir, info) or checkpoint.DEFAULT_CLIP
+    memory.check_training(config, checkpoint.pick_device(device), dtype=dtype, load_in_8bit=t.load_in_8bit,
+                          checkpointing=t.gradient_checkpointing, micro_batch=t.micro_batch_size,
+                          seq_len=t.max_seq_len, clip_params=checkpoint.clip_params(clip) if config.visual_len else 0,
+                          where=str(recipe.path))
     try:
         loaded = checkpoint.load(base_dir, device, dtype, layout=recipe.layout, seed=t.seed,
                                  quantize="8bit" if t.load_in_8bit else None)

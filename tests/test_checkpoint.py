@@ -354,9 +354,9 @@ def test_a_full_disk_at_import_and_merge_is_one_line_and_leaves_nothing(tmp_path
     monkeypatch.setattr(checkpoint, "save_file", full)
     out = tmp_path / "imported"
     assert_cli_one_line(invoke("download", tiny_base[0], "--out", out),
-                        f"could not write model.safetensors in {tmp_path}", "(No space left on device)", "free space")
+                        f"could not write model-00001.safetensors in {tmp_path}", "(No space left on device)", "free space")
     assert_cli_one_line(invoke("merge", tiny_official[1], "--out", tmp_path / "merged"),
-                        "could not write model.safetensors", "(No space left on device)")
+                        "could not write model-00001.safetensors", "(No space left on device)")
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no .partial folder
 
 
@@ -421,7 +421,7 @@ def damaged_copy(folder: Path, dest: Path, how: str) -> Path:
 
 MALFORMED = {"list": ("lav2.json", "expected a JSON object, found a list"),
              "adapter": ("lav2.json", "the field 'adapter' must be a string or null, not 7"),
-             "dim": ("lav2.json", "config key 'dim' must be int"),
+             "dim": ("lav2.json", "config.dim must be int"),
              "no-config": ("lav2.json", "the field 'config' is missing"),
              "no-weights": ("lav2.json", "names the weights file 'model.safetensors', which is missing")}
 

@@ -451,7 +451,7 @@ def test_two_runs_started_at_once_into_one_folder(tmp_path, visual_base):
 
 @pytest.mark.parametrize("how, phrase", [("list", "expected a JSON object, found a list"),
                                          ("adapter", "the field 'adapter' must be a string or null, not 7"),
-                                         ("dim", "config key 'dim' must be int"),
+                                         ("dim", "config.dim must be int"),
                                          ("no-config", "the field 'config' is missing"),
                                          ("no-weights", "names the weights file 'model.safetensors', which is missing")])
 def test_a_malformed_base_folder_is_one_line_before_the_run_folder(tmp_path, visual_base, how, phrase):

@@ -2,7 +2,7 @@
 
     python -m lav2.bench decode --config mid --dtype float32 [--image] [--compile]
     python -m lav2.bench train --config small [--checkpointing] [--8bit]
-    python -m lav2.bench memory-7b
+    python -m lav2.bench memory-7b | chat --config 7b [--quantize int8] | gpu | eval | serve
 
 Models get random weights: speed and memory do not depend on the values. Every model has the paper's layout
 (bias and scale on all seven linears, gated prompts in the top layers, the visual prompt in the first layer),
@@ -17,19 +17,23 @@ and the bandwidth bound: the bytes a decode step reads divided by the rate a lar
 weights at, measured between the same decode steps (BandwidthProbe, medians against medians); `read_ratio`
 compares with a plain read of memory instead. --dtype int8 compares with float32 on the same tokens: greedy
 agreement (the int8 model is fed the float32 model's greedy tokens) and the logit error. --compile steps every model
-through generate.compiled_decode_one_token, as `lav2 chat --compile` does; it compiles during the warm-up, on a KV
+through generate.compiled_step, as `lav2 chat --compile` does; it compiles during the warm-up, on a KV
 cache of the timed runs' length, so that no timed token recompiles (a chat keeps one cache length too).
 
 train: one step of the language group (forward, backward, AdamW) on random tokens, timed per phase; peak memory
 is torch.cuda.max_memory_allocated on a GPU, and on the CPU the parameter bytes plus the peak of the bytes alive
 at once among the tensors the step creates, tracked op by op (LiveBytes).
 
-memory-7b: the 7B recipe's peak (seq 512, micro-batch 4, 8-bit base, gradient checkpointing, bf16), estimated
-from a few blocks at full 7B width run forward and backward, extrapolated to 32 blocks (`"estimate": true`).
+memory-7b: the 7B recipe (seq 512, micro-batch 4, 8-bit base, gradient checkpointing, bf16) run for real: a random
+7B paper-layout folder written shard by shard, loaded as finetune loads it, a few timed steps; peak memory is the
+process's peak resident memory on the CPU (VmHWM) or torch.cuda.max_memory_allocated, with the memory planner's
+estimate beside it. chat: load and decode as `lav2 chat` does at real width (bfloat16, or int8 quantized as it is
+read). gpu: memory-7b and both chats in one run, for a CUDA machine (it runs on the CPU too, slowly).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import platform
@@ -38,13 +42,13 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import click
 import torch
 import torch.nn as nn
 
-from lav2 import checkpoint
+from lav2 import checkpoint, memory
 from lav2.checkpoint import DTYPES
 from lav2.fastpath import decode_storage, store_for_decoding_, quantize_int8_
 from lav2.finetune import LiveBytes, loss_sum
@@ -88,57 +92,63 @@ def pick_device(name: Optional[str]) -> torch.device:
 
 
 @torch.no_grad()
-def randomize_(module: nn.Module) -> None:
-    """Random values of the right scale: norms and scales near 1, everything else small (uniform: faster to
-    draw than normal for a billion numbers, and the values do not matter for speed or memory)."""
-    for name, t in module.state_dict().items():
-        if not t.is_floating_point():
-            continue
-        owner = name.rsplit(".", 2)[-2] if name.count(".") else ""
-        if name.endswith(".scale") or (name.endswith(".weight") and ("norm" in owner or owner.startswith("ln"))):
-            t.uniform_(0.9, 1.1)
-        else:
-            t.uniform_(-0.035, 0.035)  # std 0.02
+def random_(name: str, t: torch.Tensor) -> torch.Tensor:
+    """Random values of the right scale for the tensor called `name`: norms and scales near 1, everything else
+    small (uniform: faster to draw than normal for a billion numbers, and the values do not matter for speed or
+    memory)."""
+    owner = name.rsplit(".", 2)[-2] if name.count(".") else ""
+    if name.endswith(".scale") or (name.endswith(".weight") and ("norm" in owner or owner.startswith("ln"))):
+        return t.uniform_(0.9, 1.1)
+    return t.uniform_(-0.035, 0.035)  # std 0.02
+
+
+def random_tensors(shapes: dict[str, torch.Tensor], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """A random tensor for each (name, meta tensor), one at a time, drawn in float32 and stored in `dtype`."""
+    for name, meta in shapes.items():
+        yield name, random_(name, torch.empty(meta.shape)).to(dtype if meta.is_floating_point() else meta.dtype)
 
 
 def clip_config(config: Config) -> dict:
     return TINY_CLIP if config.clip_dim == TINY_CLIP["embed_dim"] else VIT_L_14
 
 
-def random_folder(config: Config, folder: Path, clip_kwargs: Optional[dict] = None) -> Path:
-    """A model folder with random weights of the right scale (randomize_), with a random CLIP tower of
-    `clip_kwargs` (open_clip.CLIP's): benchmarks load it as every command loads a folder (checkpoint.load)."""
+def random_folders(config: Config, root: Path, *, dtype: torch.dtype = torch.float32) -> tuple[Path, Path]:
+    """Model folders with random weights: root/base (the LLaMA, with a random CLIP tower when the model has a
+    visual branch) and root/model (the adapter of `config` over it). Written tensor by tensor, a shard at a time,
+    so that a 7B folder never sits in memory whole; benchmarks load them as every command loads a folder."""
     torch.manual_seed(0)
     with torch.device("meta"):
         model = LLaMAAdapter(config)
-        clip = build_clip_visual(clip_kwargs) if clip_kwargs else None
-    model = model.to_empty(device="cpu")
-    randomize_(model)
+        clip = build_clip_visual(clip_config(config)) if config.visual_len else None
     base_names = checkpoint.base_state_names(model)
     state = model.state_dict()
-    folder.mkdir(parents=True)
-    tokenizer = train_tokenizer(["a random model for benchmarks"] * 20, folder / ".tokenizer.model", vocab_size=300)
+    base, adapted = root / "base", root / "model"
+    base.mkdir(parents=True)
+    tokenizer = root / ".tokenizer.model"
+    word_tokenizer(tokenizer, 300)
     clip_spec = clip_weights = None
     if clip is not None:
-        clip = clip.to_empty(device="cpu")
-        randomize_(clip)
-        clip_spec, clip_weights = {"config": clip_kwargs, "weights": checkpoint.CLIP_FILE}, clip.state_dict()
-    checkpoint.write_folder(folder, config=config, layout="bench", tokenizer=tokenizer.path,
-                            base_weights={k: v for k, v in state.items() if k in base_names},
-                            adapter={k: v for k, v in state.items() if k not in base_names},
+        clip_spec = {"config": clip_config(config), "weights": checkpoint.CLIP_FILE}
+        clip_weights = dict(random_tensors(clip.state_dict(), dtype))
+    checkpoint.write_folder(base, config=config.base(), layout="llama", tokenizer=tokenizer,
+                            base_weights=checkpoint.shards(random_tensors(
+                                {k: v for k, v in state.items() if k in base_names}, dtype)),
                             clip_spec=clip_spec, clip_weights=clip_weights, source={"bench": "random weights"})
-    tokenizer.path.unlink()
-    return folder
+    adapter = {k: v for k, v in state.items() if k not in base_names}
+    if adapter:
+        adapted.mkdir()
+        checkpoint.write_folder(adapted, config=config, layout="bench", tokenizer=tokenizer, base="../base",
+                                adapter=dict(random_tensors(adapter, dtype)), source={"bench": "random weights"})
+    return base, adapted if adapter else base
 
 
 def build_model(config: Config, *, device: torch.device, dtype: torch.dtype, layout: Optional[str] = None,
                 quantize: Optional[str] = None) -> LLaMAAdapter:
-    """A random model loaded by checkpoint.load (inference, or with `layout` for training), from a folder
+    """A random model loaded by checkpoint.load (inference, or with `layout` for training), from folders
     written into a temporary directory that is gone once the model is loaded."""
     with tempfile.TemporaryDirectory(prefix="lav2-bench-") as tmp:
-        folder = random_folder(config.base() if layout else config, Path(tmp) / "model",
-                               clip_config(config) if config.visual_len else None)
-        return checkpoint.load(folder, device, dtype, layout=layout, quantize=quantize).model
+        base, adapted = random_folders(config, Path(tmp))
+        return checkpoint.load(base if layout else adapted, device, dtype, layout=layout, quantize=quantize).model
 
 
 def plain_llama(model: LLaMAAdapter) -> LLaMAAdapter:
@@ -419,95 +429,111 @@ def bench_train(*, config_name: str, seq_len: int, batch_size: int, steps: int, 
         "peak_memory_bytes": peak, "peak_memory_gib": peak / GIB, "memory_method": method, "machine": machine(dev)}
 
 
-# --- memory-7b ---------------------------------------------------------------------------------------------
+# --- memory-7b, chat, gpu: the real size -------------------------------------------------------------------
 
 
-@dataclass
-class Measured:
-    """Live bytes of a model cut to a few blocks at full width, run forward and backward under the recipe."""
-    layers: int
-    weights_per_layer: int  # a block's tensors (8-bit matrices and their scales, float extras)
-    kept_per_layer: int  # what a block leaves alive from its forward until its backward
-    peak: int  # peak live bytes over the forward and backward, head and loss included
-    seconds: float
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (VmHWM)."""
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.is_file() else []:
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure_layers(config: Config, *, layers: int, tokens: torch.Tensor, dtype: torch.dtype,
-                   load_in_8bit: bool, checkpointing: bool) -> Measured:
-    """One instruction step's forward and backward of `config` cut to `layers` blocks (each with an adapter
-    prompt, as the top 30 of the paper layout), the frozen base in `dtype`, on tokens (B, T)."""
-    start = time.perf_counter()
-    cut = replace(config, n_layers=layers, adapter_layers=layers, visual_len=0, visual_layers=0)
-    model = build_model(cut, device=tokens.device, dtype=dtype, quantize="8bit" if load_in_8bit else None).train()
-    mark_trainable(model, ("language",))
-    for _, p in param_groups(model)["language"]:  # trained in float32, as finetune does
-        p.data = p.data.float()
-    model.gradient_checkpointing = checkpointing
-    with LiveBytes() as live:
-        after_block = []  # live bytes as each block's forward ends
-        hooks = [layer.register_forward_hook(lambda *_: after_block.append(live.now)) for layer in model.layers]
-        with autocast(tokens.device, dtype):
-            loss = loss_sum(model(tokens), tokens)
-        for hook in hooks:
-            hook.remove()
-        loss.backward()
-    del loss
-    kept = (after_block[-1] - after_block[0]) // (layers - 1)
-    return Measured(layers, tensor_bytes(model.layers) // layers, kept, live.peak, time.perf_counter() - start)
+def reset_peak(device: torch.device) -> None:
+    """Start counting the peak from here (Linux: /proc/self/clear_refs "5"; CUDA: the allocator's peak)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux, or not allowed: the peak then includes what came before
 
 
-def clip_params(config: Config) -> int:
-    with torch.device("meta"):
-        return count(build_clip_visual(clip_config(config)))
+def peak_bytes(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "torch.cuda.max_memory_allocated"
+    return peak_rss_bytes(), "peak resident memory of the process (VmHWM)"
 
 
-def bench_memory_7b(*, config_name: str, layers: int, seq_len: int, micro_batch_size: int,
+def bench_memory_7b(*, config_name: str, seq_len: int, micro_batch_size: int, steps: int,
                     device: Optional[str]) -> dict:
-    """Peak training memory of the 7B recipe; see the module docstring."""
+    """The 7B fine-tuning recipe for real: the paper-layout model loaded as finetune loads it (random bfloat16
+    base, 8-bit, gradient checkpointing, bf16 autocast), `steps` instruction steps at micro_batch_size x seq_len,
+    measured peak memory and time per step; the planner's estimate beside it as a cross-check."""
     dev = pick_device(device)
     config = CONFIGS[config_name]
     recipe = {"config": config_name, "seq_len": seq_len, "micro_batch_size": micro_batch_size,
               "load_in_8bit": True, "gradient_checkpointing": True, "precision": "bfloat16"}
-    tokens = torch.randint(3, config.vocab_size, (micro_batch_size, seq_len), device=dev)
-    if dev.type == "cuda":
-        return {"benchmark": "memory-7b", "estimate": False, **recipe, **measure_on_gpu(config_name, tokens),
-                "machine": machine(dev)}
-    m = measure_layers(config, layers=layers, tokens=tokens, dtype=torch.bfloat16, load_in_8bit=True,
-                       checkpointing=True)
-    n = config.n_layers
-    with torch.device("meta"):  # counts from shapes only
-        full = LLaMAAdapter(config)
-    mark_trainable(full, ("visual", "language"))
-    trainable = count(full, trainable=True)
-    breakdown = {
-        "block_weights": n * m.weights_per_layer,
-        "embeddings_and_head": (full.tok_embeddings.weight.numel() + full.output.weight.numel()) * 2,  # bf16
-        "clip": clip_params(config) * 2,  # fp16, frozen, run without gradients
-        "trainable_state": trainable * (4 + 4 + 8),  # float32 weights, gradients, AdamW's two moments
-        # the measured peak (its blocks, the head and the loss), plus what each further block keeps
-        "activations": m.peak + (n - m.layers) * m.kept_per_layer}
-    total = sum(breakdown.values())
-    return {"benchmark": "memory-7b", "estimate": True, **recipe, "layers_measured": m.layers,
-            "measured": {"weights_per_layer": m.weights_per_layer, "kept_per_layer": m.kept_per_layer,
-                         "peak_live_bytes": m.peak, "seconds": m.seconds},
-            "breakdown": breakdown, "trainable_params": trainable, "total_bytes": total, "total_gib": total / GIB,
-            "method": (f"the model cut to {m.layers} blocks at full width, one forward and backward at the "
-                       f"recipe's batch on the CPU (bitsandbytes 8-bit, bf16 autocast, checkpointing), live bytes "
-                       f"tracked op by op (LiveBytes), extrapolated to {n} blocks by what each block keeps; "
-                       f"weights and AdamW state counted from shapes. Not counted: CUDA context and allocator "
-                       f"slack (add 1-2 GiB), CLIP and resampler activations (transient, small)"),
+    with tempfile.TemporaryDirectory(prefix="lav2-bench-") as tmp:
+        start = time.perf_counter()
+        base, _ = random_folders(config, Path(tmp), dtype=torch.bfloat16)
+        write_s = time.perf_counter() - start
+        reset_peak(dev)
+        start = time.perf_counter()
+        model = checkpoint.load(base, dev, torch.bfloat16, layout=LAYOUTS[config_name], quantize="8bit").model
+        load_s = time.perf_counter() - start
+    load_peak, method = peak_bytes(dev)
+    model.train()
+    mark_trainable(model, ("language",))
+    model.gradient_checkpointing = True
+    optimizer = torch.optim.AdamW([p for _, p in param_groups(model)["language"]], lr=1e-4)
+    tokens = torch.randint(3, config.vocab_size, (micro_batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+    times = [train_step(model, optimizer, tokens.to(dev), torch.bfloat16) for _ in range(steps)]
+    peak, method = peak_bytes(dev)
+    estimate = memory.training_bytes(config, dtype=torch.bfloat16, load_in_8bit=True, checkpointing=True,
+                                     micro_batch=micro_batch_size, seq_len=seq_len,
+                                     clip_params=checkpoint.clip_params({"config": clip_config(config)}))
+    return {"benchmark": "memory-7b", "estimate": False, **recipe, "steps": steps,
+            "peak_memory_bytes": peak, "peak_memory_gib": peak / GIB, "load_peak_gib": load_peak / GIB,
+            "memory_method": method, "step_s": [t.total for t in times], "load_s": load_s, "write_folder_s": write_s,
+            "planner_estimate_gib": estimate / GIB, "trainable_params": count(model, trainable=True),
             "machine": machine(dev)}
 
 
-def measure_on_gpu(config_name: str, tokens: torch.Tensor) -> dict:
-    """The whole 7B recipe on the GPU: one training step, torch.cuda.max_memory_allocated."""
-    dev = tokens.device
-    model, optimizer = train_model(config_name, device=dev, load_in_8bit=True, checkpointing=True)
-    torch.cuda.reset_peak_memory_stats(dev)
-    times = train_step(model, optimizer, tokens, torch.bfloat16)
-    peak = torch.cuda.max_memory_allocated(dev)
-    return {"total_bytes": peak, "total_gib": peak / GIB, "step_s": times.total,
-            "method": "torch.cuda.max_memory_allocated over one training step of the full model"}
+def bench_chat(*, config_name: str, dtype: str, quantize: Optional[str], prompt_tokens: int, new_tokens: int,
+               device: Optional[str], folder: Optional[Path] = None) -> dict:
+    """A chat-sized run at real width: the model loaded as `lav2 chat` loads it (from a random bfloat16 folder,
+    in `dtype` or quantized as it is read), a prompt prefilled, `new_tokens` greedy tokens; peak memory of the
+    load and the decoding, time to first token, tokens/s."""
+    dev = pick_device(device)
+    config = CONFIGS[config_name]
+    with contextlib.ExitStack() as stack:
+        if folder is None:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lav2-bench-")))
+            folder = random_folders(config, tmp, dtype=torch.bfloat16)[1]
+        reset_peak(dev)
+        start = time.perf_counter()
+        model = checkpoint.load(folder, dev, DTYPES[dtype], quantize=quantize).model
+        load_s = time.perf_counter() - start
+    prompt = torch.randint(3, config.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).to(dev)
+    decoder = Decoder(model, prompt, new_tokens=new_tokens)
+    decode_in_turn([decoder], new_tokens)
+    peak, method = peak_bytes(dev)
+    return {"benchmark": "chat", "config": config_name, "dtype": dtype, "quantize": quantize,
+            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "load_s": load_s,
+            "time_to_first_token_s": decoder.first_token_s,
+            "tokens_per_s": 1 / statistics.median(decoder.token_s) if decoder.token_s else None,
+            "peak_memory_bytes": peak, "peak_memory_gib": peak / GIB, "memory_method": method,
+            "machine": machine(dev)}
+
+
+def bench_gpu(*, config_name: str, steps: int, new_tokens: int, device: Optional[str]) -> dict:
+    """What the README's GPU rows need, in one run: the 7B fine-tune with the 24 GB recipe (seq 512 x
+    micro-batch 4, 8-bit base, checkpointing, bf16) and the 7B chat in bfloat16 and in int8."""
+    seq_len = min(512, CONFIGS[config_name].max_seq_len)  # the recipe's; a test-sized model has fewer positions
+    results = {"train": bench_memory_7b(config_name=config_name, seq_len=seq_len, micro_batch_size=4, steps=steps,
+                                        device=device)}
+    with tempfile.TemporaryDirectory(prefix="lav2-bench-") as tmp:
+        folder = random_folders(CONFIGS[config_name], Path(tmp), dtype=torch.bfloat16)[1]
+        for name, quantize in (("chat_bfloat16", None), ("chat_int8", "int8")):
+            results[name] = bench_chat(config_name=config_name, dtype="bfloat16", quantize=quantize, prompt_tokens=32,
+                                       new_tokens=new_tokens, device=device, folder=folder)
+    return {"benchmark": "gpu", "config": config_name, **results}
 
 
 # --- command line ------------------------------------------------------------------------------------------
@@ -590,14 +616,40 @@ def train(config_name, seq_len, batch_size, steps, checkpointing, load_in_8bit, 
 
 @main.command("memory-7b")
 @click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default="7b", show_default=True)
-@click.option("--layers", default=2, show_default=True, help="Full-width blocks measured on the CPU.")
 @click.option("--seq-len", default=512, show_default=True)
 @click.option("--micro-batch-size", default=4, show_default=True)
+@click.option("--steps", default=2, show_default=True, help="Training steps to run and time.")
 @device_option
 @table_option
-def memory_7b(config_name, layers, seq_len, micro_batch_size, device, table):
-    """Peak memory of the 7B recipe (8-bit base, checkpointing): measured on a GPU, else estimated."""
-    emit(bench_memory_7b(config_name=config_name, layers=layers, seq_len=seq_len, micro_batch_size=micro_batch_size, device=device), table)
+def memory_7b(config_name, seq_len, micro_batch_size, steps, device, table):
+    """Peak memory and step time of the 7B recipe (8-bit base, checkpointing, bf16), measured."""
+    emit(bench_memory_7b(config_name=config_name, seq_len=seq_len, micro_batch_size=micro_batch_size, steps=steps,
+                         device=device), table)
+
+
+@main.command()
+@click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default="7b", show_default=True)
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="bfloat16", show_default=True)
+@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="int8 frozen matrices, quantized as read.")
+@click.option("--prompt-tokens", default=32, show_default=True)
+@click.option("--new-tokens", default=16, show_default=True)
+@device_option
+@table_option
+def chat(config_name, dtype, quantize, prompt_tokens, new_tokens, device, table):
+    """Load and decode as `lav2 chat` does, at real width: peak memory, first token, tokens/s."""
+    emit(bench_chat(config_name=config_name, dtype=dtype, quantize=quantize, prompt_tokens=prompt_tokens,
+                    new_tokens=new_tokens, device=device), table)
+
+
+@main.command()
+@click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default="7b", show_default=True)
+@click.option("--steps", default=3, show_default=True, help="Training steps of the 24 GB recipe.")
+@click.option("--new-tokens", default=64, show_default=True, help="Tokens each chat decodes.")
+@device_option
+@table_option
+def gpu(config_name, steps, new_tokens, device, table):
+    """The GPU figures in one run: 7B fine-tune with the 24 GB recipe, 7B chat in bfloat16 and int8."""
+    emit(bench_gpu(config_name=config_name, steps=steps, new_tokens=new_tokens, device=device), table)
 
 
 # --- eval ----------------------------------------------------------------------------------------------------
@@ -613,8 +665,7 @@ def bench_eval(*, config_name: str, items: int, batch_sizes: list[int], new_toke
 
     dev = pick_device(device)
     with tempfile.TemporaryDirectory(prefix="lav2-bench-") as tmp:
-        loaded = checkpoint.load(random_folder(CONFIGS[config_name], Path(tmp) / "model",
-                                               clip_config(CONFIGS[config_name])), dev)
+        loaded = checkpoint.load(random_folders(CONFIGS[config_name], Path(tmp))[1], dev)
     generator = torch.Generator().manual_seed(0)
     images = [Image.fromarray(torch.randint(0, 256, (64, 64, 3), generator=generator, dtype=torch.uint8).numpy())
               for _ in range(items)]
@@ -655,8 +706,8 @@ def eval_command(config_name, items, batch_sizes, new_tokens, device, table):
 
 
 def word_tokenizer(path: Path, vocab_size: int) -> None:
-    """Write a tokenizer whose pieces are mostly whole pseudo-words. random_folder's is nearly all byte pieces, and
-    a random model's bytes decode to U+FFFD, which streaming holds back to the end of the answer: the time to the
+    """Write a tokenizer whose pieces are mostly whole pseudo-words: with one of mostly byte pieces a random
+    model's bytes decode to U+FFFD, which streaming holds back to the end of the answer, so the time to the
     first token would be the time to the last."""
     import itertools
     import random
@@ -721,9 +772,7 @@ def bench_serve(*, config_name: str, clients: list[int], requests: int, max_toke
     body = {"messages": [{"role": "user", "content": "Describe a red circle next to a blue square."}],
             "temperature": 0, "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = random_folder(config, Path(tmp) / f"random-{config_name}")
-        word_tokenizer(folder / checkpoint.TOKENIZER_FILE, vocab_size=min(1024, config.vocab_size))
-        loaded = checkpoint.load(folder, device=dev)
+        loaded = checkpoint.load(random_folders(config, Path(tmp))[1], device=dev)
         with serving(create_app(loaded, max_batch=max_batch, max_queue=max(clients))) as url:
             stream_one(url, body)  # warm-up
             figures = {str(n): drive_clients(url, clients=n, requests=requests, body=body) for n in clients}

@@ -341,7 +341,8 @@ def meta_model(config: Config) -> LLaMAAdapter:
 
 def base_state_names(model: LLaMAAdapter) -> set[str]:
     """What a base folder's weights file holds: the frozen matrices and the norms."""
-    return base_parameter_names(model) | {k for k in model.state_dict() if k.endswith("norm.weight")}
+    return base_parameter_names(model) | {k for k in model.state_dict()
+                                          if k.endswith("norm.weight") and not k.startswith("visual.")}
 
 
 # --- CLIP ---------------------------------------------------------------------------------------------------
@@ -859,7 +860,7 @@ def load(path, device=None, dtype=None, *, quantize: Optional[str] = None, layou
     expected = model.state_dict()
     if layout is not None:  # the base's tensors only: the adapter is made below
         base = base_state_names(model)
-        expected = {k: v for k, v in expected.items() if k in base and not k.startswith("visual.")}
+        expected = {k: v for k, v in expected.items() if k in base}
     check_state(tensor_shapes(files), expected, f"{folder}")
     kind = "8bit" if quantize == "8bit" or (quantize == "int8" and device.type == "cuda") else quantize
     if kind == "int8" and layout is not None:

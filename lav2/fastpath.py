@@ -112,7 +112,10 @@ class QuantizedLinear(AdapterLinear):
 @torch.library.custom_op("lav2::int8_weight_mm", mutates_args=())
 def int8_weight_mm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """torch's int8-weight kernel as an opaque op: torch.compile's inductor fails to lower it after a fused cast
-    (torch 2.14), and calls it as it is this way."""
+    (torch 2.14), and calls it as it is this way. The kernel crashes on inputs that are not 64-byte aligned, as
+    tensors read from a safetensors file can be: those are copied first."""
+    if x.data_ptr() % 64:
+        x = x.clone()
     return torch._weight_int8pack_mm(x, weight, scales)
 
 

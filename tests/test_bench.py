@@ -15,7 +15,10 @@ TRAIN_KEYS = {"benchmark", "config", "seq_len", "batch_size", "gradient_checkpoi
               "tokens_per_s", "step_s", "forward_s", "backward_s", "optimizer_s", "share", "peak_memory_bytes",
               "peak_memory_gib", "memory_method", "trainable_params", "machine"}
 MEMORY_KEYS = {"benchmark", "estimate", "seq_len", "micro_batch_size", "load_in_8bit", "gradient_checkpointing",
-               "measured", "breakdown", "total_bytes", "total_gib", "method", "machine"}
+               "steps", "step_s", "peak_memory_bytes", "peak_memory_gib", "memory_method", "planner_estimate_gib",
+               "machine"}
+CHAT_KEYS = {"benchmark", "dtype", "quantize", "time_to_first_token_s", "tokens_per_s", "peak_memory_bytes",
+             "load_s", "machine"}
 
 
 def bench(*args: str) -> dict:
@@ -56,11 +59,19 @@ def test_train_reports_phases_and_peak_memory_in_a_table_or_json():
     assert "tokens_per_s" in done.stdout and not done.stdout.lstrip().startswith("{")
 
 
-def test_memory_7b_is_labelled_an_estimate_on_cpu():
-    result = bench("memory-7b", "--config", "tiny", "--seq-len", "16", "--micro-batch-size", "2")
-    assert MEMORY_KEYS <= set(result)
-    assert result["estimate"] is True
-    assert result["total_bytes"] == sum(result["breakdown"].values())
+def test_memory_7b_measures_real_steps_of_the_recipe():
+    result = bench("memory-7b", "--config", "tiny", "--seq-len", "16", "--micro-batch-size", "2", "--steps", "1")
+    assert MEMORY_KEYS <= set(result) and result["estimate"] is False
+    assert len(result["step_s"]) == 1 and result["peak_memory_bytes"] > 0 and result["planner_estimate_gib"] > 0
+
+
+def test_the_gpu_script_runs_at_tiny_size_on_the_cpu():
+    result = bench("--threads", "1", "gpu", "--config", "tiny", "--device", "cpu", "--steps", "1",
+                   "--new-tokens", "3")
+    assert result["benchmark"] == "gpu" and MEMORY_KEYS <= set(result["train"])
+    for name in ("chat_bfloat16", "chat_int8"):
+        assert CHAT_KEYS <= set(result[name]) and result[name]["tokens_per_s"] > 0
+    assert result["chat_int8"]["quantize"] == "int8" and result["chat_bfloat16"]["quantize"] is None
 
 
 def test_eval_reports_items_per_second_at_each_batch_size():

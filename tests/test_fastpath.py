@@ -121,3 +121,14 @@ def test_int8_swap_keeps_one_owner_of_each_extra_and_stays_close():
     assert (out - reference).abs().max() < 0.05 * reference.abs().max()
     with pytest.raises(Exception, match="cannot fold into a quantized weight"):
         fold_adapters_(model)
+
+
+def test_int8_kernel_takes_inputs_that_are_not_64_byte_aligned():
+    # tensors read from a safetensors file live at the file's offsets: torch's int8 kernel crashed on them
+    from lav2.fastpath import int8_matmul, quantize_rows
+
+    weight, scales = quantize_rows(torch.randn(64, 64).to(torch.bfloat16))
+    buffer = torch.randn(4 * 64 + 8).to(torch.bfloat16)
+    x = buffer[8:].view(4, 64)  # 16 bytes past an aligned start
+    assert x.data_ptr() % 64
+    torch.testing.assert_close(int8_matmul(x, weight, scales), int8_matmul(x.clone(), weight, scales), rtol=0, atol=0)

@@ -256,7 +256,8 @@ class Trainer:
             raise Lav2Error(f"{self.recipe.path}: train.global_batch_size {t.global_batch_size} is not a multiple of "
                             f"micro_batch_size x processes ({t.micro_batch_size} x {self.dist.world})")
         self.accumulation = t.global_batch_size // per_step
-        self.batches = {kind: self.data.batches(kind, t.micro_batch_size, seed=t.seed)
+        self.batches = {kind: self.data.batches(kind, t.micro_batch_size, seed=t.seed,
+                                                group_by_length=t.group_by_length and kind == "instruction")
                         for kind in ("instruction", "caption") if getattr(self.data, kind) is not None}
         self.dtype = checkpoint.DTYPES[t.precision]
         self.scaler = torch.amp.GradScaler(self.device) if t.precision == "float16" else None

@@ -364,7 +364,7 @@ def train_step(model: LLaMAAdapter, optimizer: torch.optim.Optimizer, tokens: to
     sync(device)
     t0 = time.perf_counter()
     with autocast(device, dtype):
-        loss = loss_sum(model(tokens), tokens) / tokens.numel()
+        loss = loss_sum(model(tokens, head=False), tokens, model.output) / tokens.numel()
     sync(device)
     t1 = time.perf_counter()
     loss.backward()
@@ -447,7 +447,7 @@ def measure_layers(config: Config, *, layers: int, tokens: torch.Tensor, dtype: 
         after_block = []  # live bytes as each block's forward ends
         hooks = [layer.register_forward_hook(lambda *_: after_block.append(live.now)) for layer in model.layers]
         with autocast(tokens.device, dtype):
-            loss = loss_sum(model(tokens), tokens)
+            loss = loss_sum(model(tokens, head=False), tokens, model.output)
         for hook in hooks:
             hook.remove()
         loss.backward()

@@ -254,10 +254,9 @@ def decode_bytes(model: LLaMAAdapter, context: int, *, image: bool) -> dict[str,
     the prompts. Not read: the other embedding rows, the visual branch, the learned prompt tokens (their
     keys/values are cached)."""
     skip = ("tok_embeddings.", "visual.", "adapter_query", "freqs_cis")
-    # the state dict: an int8 matrix held in fbgemm's packed form shows there as weight_int8 and scales
-    named = [(n, t) for n, t in model.state_dict().items() if not n.startswith(skip)]
-    weights = sum(t.nbytes for n, t in named
-                  if (n.endswith((".weight", ".weight_int8")) and t.ndim == 2) or n.endswith(".scales"))
+    named = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()]
+             if not n.startswith(skip) and ".kv_cache." not in n]
+    weights = sum(t.nbytes for n, t in named if (n.endswith(".weight") and t.ndim == 2) or n.endswith(".scales"))
     extras = sum(t.nbytes for n, t in named) - weights  # biases, bias-tuning scales, norms, gates
     c = model.config
     elem = model.tok_embeddings.weight.element_size()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import logging
 import mmap
-import warnings
 from typing import Callable, Optional
 
 import torch
@@ -126,49 +125,17 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
     return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 
-def fbgemm_pack(weight: torch.Tensor, scales: torch.Tensor) -> torch.ScriptObject:
-    """Per-row int8 W in fbgemm's packed layout, for its dynamically quantized linear (torch.ao's): on x86 CPUs
-    with VNNI its int8 matrix-vector product streams W about twice as fast as torch's int8-weight kernel."""
-    with warnings.catch_warnings():  # quantized tensors are deprecated as a user type; fbgemm's op still takes them
-        warnings.simplefilter("ignore")
-        quantized = torch._make_per_channel_quantized_tensor(weight, scales.double(),
-                                                             torch.zeros_like(scales, dtype=torch.long), 0)
-        return torch.ops.quantized.linear_prepack(quantized, None)
-
-
-def use_fbgemm(weight: torch.Tensor) -> bool:
-    """fbgemm for CPU int8 where the CPU has VNNI: without it fbgemm's 8-bit products can saturate unless the
-    activations are cut to 7 bits."""
-    return weight.device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines \
-        and torch.cpu._is_vnni_supported()
-
-
 class Int8Linear(QuantizedLinear):
-    """Weight-only int8 W (inference): reads a quarter of float32's bytes for the same product.
-
-    On CPUs with VNNI, W lives only in fbgemm's packed form (`packed`), multiplied by its dynamically quantized
-    linear (x quantized per call to int8 with one scale); the state dict still holds weight_int8 and scales."""
+    """Weight-only int8 W (inference): reads a quarter of float32's bytes for the same product."""
 
     def __init__(self, linear: AdapterLinear):
         super().__init__(linear)
         weight, scales = quantize_rows(linear.weight.data)
-        self.packed = fbgemm_pack(weight, scales) if use_fbgemm(weight) else None
-        if self.packed is None:
-            self.register_buffer("weight_int8", weight)
-            self.register_buffer("scales", scales)
+        self.register_buffer("weight_int8", weight)
+        self.register_buffer("scales", scales)
 
     def frozen(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
-            return int8_matmul(x, self.weight_int8, self.scales)
-        y = torch.ops.quantized.linear_dynamic(x.float().reshape(-1, x.shape[-1]), self.packed, False)
-        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.packed is not None:
-            weight = torch.ops.quantized.linear_unpack(self.packed)[0]
-            destination[prefix + "weight_int8"] = weight.int_repr()
-            destination[prefix + "scales"] = weight.q_per_channel_scales().float()
+        return int8_matmul(x, self.weight_int8, self.scales)
 
 
 class Int8Head(nn.Module):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from conftest import random_llama
 from lav2.fastpath import (Int8Head, Int8Linear, store_for_decoding_, empty_on_huge_pages, quantize_int8_,
-                           quantize_rows, single_query_attention, use_fbgemm)
+                           single_query_attention)
 from lav2.generate import compiled_step
 from lav2.model import EXTRAS, AdapterLinear, Config, adapter_state_dict, fold_adapters_
 from test_model import cached_decode, tiny_clip
@@ -121,16 +121,3 @@ def test_int8_swap_keeps_one_owner_of_each_extra_and_stays_close():
     assert (out - reference).abs().max() < 0.05 * reference.abs().max()
     with pytest.raises(Exception, match="cannot fold into a quantized weight"):
         fold_adapters_(model)
-
-
-def test_int8_linear_state_is_the_per_row_int8_weight_whatever_kernel_holds_it():
-    linear = AdapterLinear(64, 96, bias=True, scale=False, lora_rank=0)
-    linear.weight.data.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
-    weight, scales = quantize_rows(linear.weight.data)
-    int8 = Int8Linear(linear)
-    assert (int8.packed is not None) == use_fbgemm(linear.weight)
-    state = int8.state_dict()
-    assert torch.equal(state["weight_int8"], weight) and torch.allclose(state["scales"], scales, rtol=1e-6, atol=0)
-    x = torch.randn(3, 64)
-    dequantized = x @ (weight.float() * scales[:, None]).t() + linear.bias
-    assert (int8(x) - dequantized).abs().max() < 0.02 * dequantized.abs().max()

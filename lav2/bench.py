@@ -280,13 +280,15 @@ def logit_agreement(reference: "Decoder", other: "Decoder") -> dict:
 def compare_prefill(model: LLaMAAdapter, prompt: torch.Tensor, fast_ttft: float, *, images, new_tokens: int,
                     rounds: int, step: Callable) -> dict:
     """The default prefill (fastpath.prefill_dtype) against a prefill as stored (float32): time to first token,
-    the first token's logit error, and the greedy agreement of the answers (each decoded on its own)."""
+    the first token's logit error, and the greedy agreement of the answers (the fast one fed the stored one's
+    tokens, as --dtype int8 compares)."""
     stored = []
     for _ in range(rounds):
         stored.append(Decoder(model, prompt, new_tokens=new_tokens, images=images, keep_logits=True, step=step,
                               fast_prefill=False))
         decode_in_turn(stored[-1:], new_tokens if len(stored) == 1 else 1)
-    fast_logits = Decoder(model, prompt, new_tokens=new_tokens, images=images, keep_logits=True, step=step)
+    fast_logits = Decoder(model, prompt, new_tokens=new_tokens, images=images, keep_logits=True, step=step,
+                          forced=stored[0].tokens)
     decode_in_turn([fast_logits], new_tokens)
     agreement = logit_agreement(stored[0], fast_logits)
     first_error = (fast_logits.kept[0] - stored[0].kept[0]).abs()

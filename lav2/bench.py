@@ -16,7 +16,9 @@ turn token by token with the adapter model, so that other processes on a shared 
 and the bandwidth bound: the bytes a decode step reads divided by the rate a large matrix-vector product streams
 weights at, measured between the same decode steps (BandwidthProbe, medians against medians); `read_ratio`
 compares with a plain read of memory instead. --dtype int8 compares with float32 on the same tokens: greedy
-agreement (the int8 model is fed the float32 model's greedy tokens) and the logit error. --compile steps every model
+agreement (the int8 model is fed the float32 model's greedy tokens) and the logit error. Where the prefill runs in
+bfloat16 (fastpath.prefill_dtype), `prefill` compares it with a float32 prefill of the same prompt in the same way,
+with both times to first token. --compile steps every model
 through generate.compiled_decode_one_token, as `lav2 chat --compile` does; it compiles during the warm-up, on a KV
 cache of the timed runs' length, so that no timed token recompiles (a chat keeps one cache length too).
 

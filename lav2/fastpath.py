@@ -191,9 +191,9 @@ def quantize_8bit_(model: LLaMAAdapter) -> LLaMAAdapter:
 
 def prefill_dtype(model: LLaMAAdapter) -> Optional[torch.dtype]:
     """The dtype to prefill a prompt in: bfloat16 for float32 weights on a CPU with bfloat16 matmul instructions
-    (AVX512-BF16, AMX), where a prompt's matrix-matrix products are compute-bound and run several times faster in
-    it (a decode step, bandwidth-bound, keeps the stored weights); None (as stored) elsewhere, quantized models
-    included (their kernels choose their own compute dtype)."""
+    (AVX512-BF16, AMX), where a prompt's matrix-matrix products are compute-bound and run faster in it (a decode
+    step, bandwidth-bound, keeps the stored weights); None (as stored) elsewhere, quantized models included (their
+    kernels choose their own compute dtype)."""
     weight, linear = model.tok_embeddings.weight, model.layers[0].attention.wq
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     stored_float32 = weight.dtype == torch.float32 and not isinstance(linear, QuantizedLinear)

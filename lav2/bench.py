@@ -16,9 +16,15 @@ turn token by token with the adapter model, so that other processes on a shared 
 and the bandwidth bound: the bytes a decode step reads divided by the rate a large matrix-vector product streams
 weights at, measured between the same decode steps (BandwidthProbe, medians against medians); `read_ratio`
 compares with a plain read of memory instead. --dtype int8 compares with float32 on the same tokens: greedy
-agreement (the int8 model is fed the float32 model's greedy tokens) and the logit error. --compile steps every model
+agreement (the int8 model is fed the float32 model's greedy tokens) and the logit error. Where the prefill runs in
+bfloat16 (fastpath.prefill_dtype), `prefill` compares it with a float32 prefill of the same prompt in the same way,
+with both times to first token. --compile steps every model
 through generate.compiled_step, as `lav2 chat --compile` does; it compiles during the warm-up, on a KV
 cache of the timed runs' length, so that no timed token recompiles (a chat keeps one cache length too).
+
+train --length-mix alpaca: instruction steps through finetune's Trainer (Batches, collate, train_step) on an
+Alpaca-like long-tailed length mix (LengthMix), with length grouping on and off, alternating step by step:
+supervised tokens/s and the fraction of padding.
 
 train: one step of the language group (forward, backward, AdamW) on random tokens, timed per phase; peak memory
 is torch.cuda.max_memory_allocated on a GPU, and on the CPU the parameter bytes plus the peak of the bytes alive
@@ -36,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import platform
 import statistics
 import tempfile
@@ -50,11 +57,13 @@ import torch.nn as nn
 
 from lav2 import checkpoint, memory
 from lav2.checkpoint import DTYPES
-from lav2.fastpath import decode_storage, store_for_decoding_, quantize_int8_
-from lav2.finetune import LiveBytes, loss_sum
+from lav2.fastpath import decode_storage, prefill_dtype, quantize_int8_, store_for_decoding_
+from lav2.data import IGNORE_INDEX, Batches, Example, Mixture, PreparedData
+from lav2.finetune import LiveBytes, Trainer, loss_sum, supervised_tokens
 from lav2.generate import compiled_step, decode_one_token, prefill, sample
 from lav2.checkpoint import build_clip_visual, with_layout
 from lav2.model import Config, LLaMAAdapter, fold_adapters_, mark_trainable, param_groups
+from lav2.recipe import Recipe, Train
 from lav2.tokenizer import train_tokenizer
 
 PAPER = Config.from_name("paper-7b")
@@ -181,14 +190,15 @@ class Decoder:
     compared at the same contexts."""
 
     def __init__(self, model: LLaMAAdapter, prompt: torch.Tensor, *, new_tokens: int, images=None,
-                 forced: Optional[list[int]] = None, keep_logits: bool = False, step: Callable = decode_one_token):
+                 forced: Optional[list[int]] = None, keep_logits: bool = False, step: Callable = decode_one_token,
+                 fast_prefill: bool = True):
         self.model, self.step, self.forced, self.keep_logits = model, step, forced, keep_logits
         self.device = prompt.device
         model.setup_cache(1, len(prompt) + new_tokens)
         self.start = len(prompt)
         sync(self.device)
         start = time.perf_counter()
-        logits = prefill(model, prompt[None], 0, images)[0]
+        logits = prefill(model, prompt[None], 0, images, dtype=prefill_dtype(model) if fast_prefill else None)[0]
         self.token = sample(logits, temperature=0)
         self.tokens = [int(self.token)]  # the host sync that generate() makes for every token
         self.first_token_s = time.perf_counter() - start
@@ -279,6 +289,28 @@ def logit_agreement(reference: "Decoder", other: "Decoder") -> dict:
             "logit_std": float(ref_logits.std())}
 
 
+def compare_prefill(model: LLaMAAdapter, prompt: torch.Tensor, fast_ttft: float, *, images, new_tokens: int,
+                    rounds: int, step: Callable) -> dict:
+    """The default prefill (fastpath.prefill_dtype) against a prefill as stored (float32): time to first token,
+    the first token's logit error, and the greedy agreement of the answers (the fast one fed the stored one's
+    tokens, as --dtype int8 compares)."""
+    stored = []
+    for _ in range(rounds):
+        stored.append(Decoder(model, prompt, new_tokens=new_tokens, images=images, keep_logits=True, step=step,
+                              fast_prefill=False))
+        decode_in_turn(stored[-1:], new_tokens if len(stored) == 1 else 1)
+    fast_logits = Decoder(model, prompt, new_tokens=new_tokens, images=images, keep_logits=True, step=step,
+                          forced=stored[0].tokens)
+    decode_in_turn([fast_logits], new_tokens)
+    agreement = logit_agreement(stored[0], fast_logits)
+    first_error = (fast_logits.kept[0] - stored[0].kept[0]).abs()
+    ttft = {"fast": min(fast_ttft, fast_logits.first_token_s), "stored": min(d.first_token_s for d in stored)}
+    return {"dtype": str(prefill_dtype(model)).removeprefix("torch."), "time_to_first_token_s": ttft,
+            "speedup": ttft["stored"] / ttft["fast"], "first_token_max_logit_error": float(first_error.max()),
+            "first_token_logit_std": float(stored[0].kept[0].std()),
+            "greedy_agreement": agreement["greedy_agreement"], "first_disagreement": agreement["first_disagreement"]}
+
+
 def bench_decode(*, config_name: str, dtype: str, image: bool, compile: bool, prompt_tokens: int,
                  new_tokens: int, rounds: int, device: Optional[str], compare: bool, bandwidth_mib: int) -> dict:
     """Decode speed of one config and dtype; see the module docstring."""
@@ -324,6 +356,10 @@ def bench_decode(*, config_name: str, dtype: str, image: bool, compile: bool, pr
     if int8:
         result.update(logit_agreement(decoders["float32"][0], decoders["adapter"][0]))
         result["speedup_vs_float32"] = per_token_ms["float32"] / per_token_ms["adapter"]
+    if prefill_dtype(variants["adapter"]) is not None:
+        fast_ttft = min(d.first_token_s for d in decoders["adapter"])
+        result["prefill"] = compare_prefill(variants["adapter"], prompt, fast_ttft, images=images,
+                                            new_tokens=new_tokens, rounds=rounds, step=steps["adapter"])
     if "base" in per_token_ms:
         result["adapter_overhead"] = per_token_ms["adapter"] / per_token_ms["base"] - 1
         result["merged_overhead"] = per_token_ms["merged"] / per_token_ms["base"] - 1
@@ -374,7 +410,7 @@ def train_step(model: LLaMAAdapter, optimizer: torch.optim.Optimizer, tokens: to
     sync(device)
     t0 = time.perf_counter()
     with autocast(device, dtype):
-        loss = loss_sum(model(tokens), tokens) / tokens.numel()
+        loss = loss_sum(model(tokens, head=False), tokens, model.output) / tokens.numel()
     sync(device)
     t1 = time.perf_counter()
     loss.backward()
@@ -427,6 +463,76 @@ def bench_train(*, config_name: str, seq_len: int, batch_size: int, steps: int, 
         "share": {k: getattr(best, k) / best.total for k in ("forward", "backward", "optimizer")},
         "trainable_params": count(model, trainable=True), "frozen_params": count(model, trainable=False),
         "peak_memory_bytes": peak, "peak_memory_gib": peak / GIB, "memory_method": method, "machine": machine(dev)}
+
+
+class LengthMix:
+    """A seeded stand-in for an instruction file of Alpaca's shape: record lengths log-normal (median `median`
+    tokens, clipped to [16, max_len]), each a prompt part (unsupervised) and a response part (supervised, about
+    60% of it), as SourceDataset hands them out. Random token ids: speed does not depend on them."""
+
+    def __init__(self, records: int, *, vocab_size: int, median: int = 150, max_len: int = 512, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.lengths_ = torch.empty(records).log_normal_(math.log(median), 0.7, generator=generator)
+        self.lengths_ = self.lengths_.round().clamp(16, max_len).int().tolist()
+        self.prompts = [max(4, round(n * float(u))) for n, u in zip(self.lengths_, torch.rand(records, generator=generator)
+                                                                    * 0.3 + 0.25)]
+        self.vocab_size, self.seed = vocab_size, seed
+
+    def __len__(self) -> int:
+        return len(self.lengths_)
+
+    def __getitem__(self, i: int) -> Example:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        tokens = torch.randint(3, self.vocab_size, (self.lengths_[i],), generator=generator).tolist()
+        labels = [IGNORE_INDEX] * self.prompts[i] + tokens[self.prompts[i]:]
+        return Example(tokens, labels, None, f"record {i}")
+
+    def lengths(self) -> list[int]:
+        return self.lengths_
+
+
+def bench_length_mix(*, config_name: str, micro_batch_size: int, steps: int, records: int,
+                     device: Optional[str]) -> dict:
+    """Supervised tokens/s of instruction steps on an Alpaca-like length mix, through finetune's Trainer (Batches,
+    collate, train_step: float32, AdamW), with length grouping on and off, the settings alternating step by step
+    so that other processes on a shared machine slow both alike."""
+    dev = pick_device(device)
+    config = CONFIGS[config_name]
+    mix = Mixture([LengthMix(records, vocab_size=config.vocab_size, max_len=min(512, config.max_seq_len))], [1.0])
+    with tempfile.TemporaryDirectory(prefix="lav2-bench-") as tmp:
+        folder, _ = random_folders(config, Path(tmp))
+        loaded = checkpoint.load(folder, dev, torch.float32, layout=LAYOUTS[config_name])
+        trainers = {}
+        for group in (True, False):
+            recipe = Recipe(base=str(folder), layout=LAYOUTS[config_name], path=Path(tmp) / "recipe.yaml",
+                            train=Train(steps=steps + 1, micro_batch_size=micro_batch_size,
+                                        global_batch_size=micro_batch_size, precision="float32", caption_ratio=0.0,
+                                        max_seq_len=config.max_seq_len, group_by_length=group))
+            trainers[group] = Trainer(recipe, Path(tmp) / "run", loaded, PreparedData(mix, None, [], 0, 0, None, False),
+                                      dev.type)
+        totals = {group: {"seconds": 0.0, "supervised": 0, "tokens": 0, "padding": 0} for group in trainers}
+        for step in range(steps + 1):  # the first step of each is a warm-up (it also creates the AdamW state)
+            for group, trainer in trainers.items():
+                batch = next(Batches(mix, micro_batch_size, seed=0, pad_id=0, start=trainer.positions["instruction"],
+                                     group_by_length=group))  # the batch this step reads, to count its tokens
+                seconds = trainer.train_step("instruction").seconds
+                if step:
+                    t = totals[group]
+                    t["seconds"] += seconds
+                    t["supervised"] += supervised_tokens(batch)
+                    t["tokens"] += batch.tokens.numel()
+                    t["padding"] += int((batch.tokens == 0).sum())  # record token ids are >= 3
+    result: dict = {"benchmark": "train", "config": config_name, "length_mix": "alpaca", "records": records,
+                    "median_length": statistics.median(mix.lengths()), "max_length": max(mix.lengths()),
+                    "micro_batch_size": micro_batch_size, "steps": steps, "precision": "float32"}
+    for group, t in totals.items():
+        result["grouped" if group else "shuffled"] = {
+            "supervised_tokens_per_s": t["supervised"] / t["seconds"], "tokens_per_s": t["tokens"] / t["seconds"],
+            "padding_fraction": t["padding"] / t["tokens"], "step_s": t["seconds"] / steps}
+    result["speedup_grouped"] = (result["grouped"]["supervised_tokens_per_s"]
+                                 / result["shuffled"]["supervised_tokens_per_s"])
+    result["machine"] = machine(dev)
+    return result
 
 
 # --- memory-7b, chat, gpu: the real size -------------------------------------------------------------------
@@ -605,10 +711,19 @@ def decode(config_name, dtype, image, compile, prompt_tokens, new_tokens, rounds
 @click.option("--checkpointing/--no-checkpointing", default=False, show_default=True)
 @click.option("--8bit", "load_in_8bit", is_flag=True, help="bitsandbytes 8-bit frozen matrices.")
 @click.option("--precision", type=click.Choice(list(DTYPES)), default="float32", show_default=True)
+@click.option("--length-mix", type=click.Choice(["alpaca"]), default=None,
+              help="Instruction steps on an Alpaca-like length mix through finetune's Trainer (micro-batch: "
+                   "--batch-size), length grouping on and off: supervised tokens/s and padding.")
+@click.option("--records", default=2000, show_default=True, help="Records in the --length-mix data.")
 @device_option
 @table_option
-def train(config_name, seq_len, batch_size, steps, checkpointing, load_in_8bit, precision, device, table):
+def train(config_name, seq_len, batch_size, steps, checkpointing, load_in_8bit, precision, length_mix, records,
+          device, table):
     """Tokens/s of a full train step of the paper layout, its phases, and peak memory."""
+    if length_mix:
+        emit(bench_length_mix(config_name=config_name, micro_batch_size=batch_size, steps=steps, records=records,
+                              device=device), table)
+        return
     emit(bench_train(config_name=config_name, seq_len=seq_len, batch_size=batch_size, steps=steps,
                      checkpointing=checkpointing, load_in_8bit=load_in_8bit, precision=precision, device=device),
          table)

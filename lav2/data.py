@@ -278,6 +278,7 @@ class SourceDataset:
 
     def __init__(self, records: list[Record], tokenizer, style: str, max_seq_len: int, path: Path):
         self.tokenizer, self.style, self.max_seq_len, self.path = tokenizer, style, max_seq_len, path
+        self._lengths: list[int] | None = None
         # A record is dropped only if its first prompt fills max_seq_len (nothing supervised would remain);
         # checking that prompt alone is much cheaper than tokenizing everything.
         prompt_lengths: dict[str, int] = {}
@@ -300,6 +301,13 @@ class SourceDataset:
         where = "line" if self.path.suffix == ".jsonl" else "record"
         return Example(tokens[: self.max_seq_len], labels[: self.max_seq_len], record.image,
                        f"{short_path(self.path)} {where} {record.index}")
+
+    def lengths(self) -> list[int]:
+        """Each record's token count after truncation, tokenized once on first use (for length grouping)."""
+        if self._lengths is None:
+            self._lengths = [min(len(encode_example(self.tokenizer, self.style, r.turns)[0]), self.max_seq_len)
+                             for r in self.records]
+        return self._lengths
 
 
 class Mixture:
@@ -333,11 +341,34 @@ class Mixture:
                 indices += [offset + j for j in part]
         return [indices[j] for j in order(len(indices), seed, epoch)]
 
+    def lengths(self) -> list[int]:
+        """Token count of every index (see SourceDataset.lengths)."""
+        return [n for source in self.sources for n in source.lengths()]
 
-def order(n: int, seed: int, epoch: int) -> list[int]:
+
+def order(n: int, seed: int | str, epoch: int) -> list[int]:
     """The permutation of range(n) for one epoch; the same (seed, epoch) always gives the same order."""
     generator = torch.Generator().manual_seed(random.Random(f"{seed}/{epoch}").getrandbits(63))
     return torch.randperm(n, generator=generator).tolist()
+
+
+MEGA_BATCH = 50  # micro-batches sorted together: similar lengths, while the order still varies within an epoch
+
+
+def group_by_length(indices: list[int], lengths: list[int], batch_size: int, *, seed: int, epoch: int,
+                    head: int = 0) -> list[int]:
+    """The epoch order `indices` rearranged so that each micro-batch holds records of similar length (less
+    padding): cut into mega-batches of MEGA_BATCH micro-batches, each sorted by length and cut into micro-batches,
+    which are then shuffled (seeded), so that the order does not follow length. The first `head` indices
+    complete the micro-batch that straddles the previous epoch and stay first; a last partial one stays last."""
+    rest, mega = indices[head:], MEGA_BATCH * batch_size
+    groups = []
+    for start in range(0, len(rest), mega):
+        chunk = sorted(rest[start:start + mega], key=lambda i: lengths[i])
+        groups += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size)]
+    tail = [groups.pop()] if groups and len(groups[-1]) < batch_size else []
+    shuffled = [groups[j] for j in order(len(groups), f"{seed}/length", epoch)] + tail
+    return indices[:head] + [i for group in shuffled for i in group]
 
 
 # ---------------------------------------------------------------------------------------------- batches
@@ -388,22 +419,28 @@ class Batches:
     """Endless micro-batches of a Mixture in a seeded per-epoch order, startable at any example position.
 
     `position` counts examples handed out; a run resumed with `start=position` continues with exactly the
-    batches the interrupted run would have produced, without reading anything twice.
+    batches the interrupted run would have produced, without reading anything twice. group_by_length: each
+    epoch's order rearranged into micro-batches of similar length (see group_by_length).
     """
 
     def __init__(self, data: Mixture, batch_size: int, *, seed: int, pad_id: int,
-                 preprocess: Preprocess | None = None, start: int = 0, skip_bad: bool = False):
+                 preprocess: Preprocess | None = None, start: int = 0, skip_bad: bool = False,
+                 group_by_length: bool = False):
         if data.epoch_len == 0:
             raise Lav2Error("no training records are left after loading; check the data files and max_seq_len")
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.pad_id, self.preprocess, self.skip_bad = pad_id, preprocess, skip_bad
-        self.position = start
+        self.position, self.group_by_length = start, group_by_length
         self._epoch, self._order = -1, []
 
     def _index(self, position: int) -> int:
         epoch, offset = divmod(position, self.data.epoch_len)
         if epoch != self._epoch:
             self._epoch, self._order = epoch, self.data.epoch_order(self.seed, epoch)
+            if self.group_by_length:
+                head = -epoch * self.data.epoch_len % self.batch_size  # micro-batches start at multiples of it
+                self._order = group_by_length(self._order, self.data.lengths(), self.batch_size, seed=self.seed,
+                                              epoch=epoch, head=head)
         return self._order[offset]
 
     @property
@@ -434,12 +471,13 @@ class PreparedData:
     preprocess: Preprocess | None
     skip_bad: bool
 
-    def batches(self, kind: str, batch_size: int, *, seed: int, start: int = 0) -> Batches:
+    def batches(self, kind: str, batch_size: int, *, seed: int, start: int = 0,
+                group_by_length: bool = False) -> Batches:
         data = self.instruction if kind == "instruction" else self.caption
         if data is None:
             raise ValueError(f"the recipe has no {kind} data")
         return Batches(data, batch_size, seed=seed, pad_id=self.pad_id, preprocess=self.preprocess,
-                       start=start, skip_bad=self.skip_bad)
+                       start=start, skip_bad=self.skip_bad, group_by_length=group_by_length)
 
     def messages(self) -> list[str]:
         """One line per file with skipped records, and one for dropped over-long records."""

@@ -7,6 +7,7 @@ This module swaps those, as gpt-fast's quantize.py swaps linears, so that the me
   in which a matrix-vector product (a decode step) streams them fastest; values and state dict keys unchanged;
 - `quantize_int8_`: weight-only int8 with a scale per row (CPU decoding: a quarter of the bytes to stream);
 - `quantize_8bit_`: bitsandbytes LLM.int8 (the 8-bit base of training, and int8 chat on CUDA);
+- `prefill_dtype`: the dtype a prompt's prefill runs faster in (bfloat16 autocast on CPUs with bfloat16 matmuls);
 - `compiled_decode_step`: torch.compile of one decode step, attending with a single-query kernel that inductor
   fuses into loops reading the KV cache once.
 
@@ -199,6 +200,20 @@ def quantize_8bit_(model: LLaMAAdapter) -> LLaMAAdapter:
     """bitsandbytes LLM.int8 for every frozen block matmul (the 8-bit base of `load_in_8bit`)."""
     require_bitsandbytes()
     return quantize_(model, "8bit")
+
+
+# --- prefill -----------------------------------------------------------------------------------------------
+
+
+def prefill_dtype(model: LLaMAAdapter) -> Optional[torch.dtype]:
+    """The dtype to prefill a prompt in: bfloat16 for float32 weights on a CPU with bfloat16 matmul instructions
+    (AVX512-BF16, AMX), where a prompt's matrix-matrix products are compute-bound and run faster in it (a decode
+    step, bandwidth-bound, keeps the stored weights); None (as stored) elsewhere, quantized models included (their
+    kernels choose their own compute dtype)."""
+    weight, linear = model.tok_embeddings.weight, model.layers[0].attention.wq
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    stored_float32 = weight.dtype == torch.float32 and not isinstance(linear, QuantizedLinear)
+    return torch.bfloat16 if weight.device.type == "cpu" and stored_float32 and native else None
 
 
 # --- compiled decoding -------------------------------------------------------------------------------------

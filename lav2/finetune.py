@@ -39,6 +39,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -218,11 +219,26 @@ def total_steps(recipe: Recipe, data: PreparedData) -> int:
 # --- loss --------------------------------------------------------------------------------------------------
 
 
-def loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of next-token prediction in float32: logits at t predict labels at t + 1."""
-    logits, targets = logits[:, :-1].float(), labels[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+HEAD_CHUNK_ROWS = 2048  # positions per chunk of the output head: 2048 x 32000 float32 logits are 250 MiB
+
+
+def loss_sum(hidden: torch.Tensor, labels: torch.Tensor, head: torch.nn.Module, *,
+             chunk_rows: int = HEAD_CHUNK_ROWS) -> torch.Tensor:
+    """Summed cross-entropy of next-token prediction in float32: the hidden state (B, T, C) at t (the model's
+    forward with head=False) predicts labels at t + 1. The head runs on the supervised positions only, in chunks
+    whose logits the backward recomputes (checkpoint) instead of keeping: the (B, T, V) logits never exist."""
+    keep = labels[:, 1:] != IGNORE_INDEX  # (B, T - 1)
+    rows, targets = hidden[:, :-1][keep], labels[:, 1:][keep]  # (N, C), (N,)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, max(1, len(rows)), chunk_rows):  # one (empty) chunk at least: the loss stays in the graph
+        chunk = slice(start, start + chunk_rows)
+        total = total + torch.utils.checkpoint.checkpoint(_head_loss, head, rows[chunk], targets[chunk],
+                                                          use_reentrant=False)
+    return total
+
+
+def _head_loss(head: torch.nn.Module, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(rows).float(), targets, reduction="sum")
 
 
 def supervised_tokens(batch: Batch) -> int:
@@ -267,7 +283,8 @@ class Trainer:
             raise Lav2Error(f"{self.recipe.path}: train.global_batch_size {t.global_batch_size} is not a multiple of "
                             f"micro_batch_size x processes ({t.micro_batch_size} x {self.dist.world})")
         self.accumulation = t.global_batch_size // per_step
-        self.batches = {kind: self.data.batches(kind, t.micro_batch_size, seed=t.seed)
+        self.batches = {kind: self.data.batches(kind, t.micro_batch_size, seed=t.seed,
+                                                group_by_length=t.group_by_length and kind == "instruction")
                         for kind in ("instruction", "caption") if getattr(self.data, kind) is not None}
         self.dtype = checkpoint.DTYPES[t.precision]
         self.scaler = torch.amp.GradScaler(self.device) if t.precision == "float16" else None
@@ -320,8 +337,8 @@ class Trainer:
         total_loss = torch.zeros((), dtype=torch.float64)
         for batch in micro:
             with self.autocast():
-                logits = model(batch.tokens, batch.images, image_mask=batch.image_mask)
-            loss = loss_sum(logits, batch.labels) / count.clamp(min=1).to(logits.device)
+                hidden = model(batch.tokens, batch.images, image_mask=batch.image_mask, head=False)
+                loss = loss_sum(hidden, batch.labels, model.output) / count.clamp(min=1).to(hidden.device)
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             total_loss += loss.detach().double().cpu()
         params = [p for _, p in named]
@@ -757,7 +774,8 @@ def activation_bytes(model: LLaMAAdapter, batch: Batch, *, dtype: torch.dtype = 
     autocast = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(batch.tokens.device.type, dtype)
     with track_graph_memory() as measured:
         with autocast:
-            loss = loss_sum(model(batch.tokens, batch.images, image_mask=batch.image_mask), batch.labels)
+            hidden = model(batch.tokens, batch.images, image_mask=batch.image_mask, head=False)
+            loss = loss_sum(hidden, batch.labels, model.output)
     loss.backward()  # also checks that the measured graph is a working one
     model.zero_grad(set_to_none=True)
     return measured

@@ -85,10 +85,15 @@ def sample(logits: torch.Tensor, *, temperature: float, top_p: float = 1.0, top_
 
 @torch.no_grad()
 def prefill(model: "LLaMAAdapter", tokens: torch.Tensor, start_pos: int, images: Optional[torch.Tensor] = None, *,
-            image_mask: Optional[torch.Tensor] = None, pad: Optional[torch.Tensor] = None) -> torch.Tensor:
+            image_mask: Optional[torch.Tensor] = None, pad: Optional[torch.Tensor] = None,
+            dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """Run tokens (B, T) at positions start_pos ... into the cache; logits (B, V) of the last one. Images go
-    only with the forward that starts at position 0, which also caches the prompts' keys/values."""
-    return model(tokens, images, image_mask=image_mask, start_pos=start_pos, pad=pad)[:, -1]
+    only with the forward that starts at position 0, which also caches the prompts' keys/values. The output head
+    runs for the last position only. dtype: compute under autocast to it (fastpath.prefill_dtype); the cache keeps
+    its own dtype for the decode steps."""
+    with torch.autocast(tokens.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        hidden = model(tokens, images, image_mask=image_mask, start_pos=start_pos, pad=pad, head=False)
+        return model.output(hidden[:, -1]).float()
 
 
 @torch.no_grad()
@@ -116,7 +121,7 @@ def generate(model: "LLaMAAdapter", prompt_tokens: Sequence[int], *, images: Opt
              cached: Optional[list[int]] = None, max_new_tokens: int = 256, temperature: float = 0.1,
              top_p: float = 0.75, top_k: int = 0, repetition_penalty: float = 1.0, stop_ids: Sequence[int] = (),
              generator: Optional[torch.Generator] = None, vocab_size: Optional[int] = None,
-             step: Callable = decode_one_token) -> Iterator[int]:
+             step: Callable = decode_one_token, fast_prefill: bool = True) -> Iterator[int]:
     """Yield new token ids after prompt_tokens, batch 1, through the model's KV cache (see setup_cache).
 
     cached: the ids whose keys/values the cache holds from position 0, updated in place as tokens are fed.
@@ -124,7 +129,7 @@ def generate(model: "LLaMAAdapter", prompt_tokens: Sequence[int], *, images: Opt
     used only when that prefix is empty (they enter at position 0), so a caller that changes the image must clear
     `cached`. None: start from an empty cache. Stops after max_new_tokens or after yielding a stop id.
     vocab_size: sample among the first ids only, the tokenizer's (a checkpoint may pad its embedding rows).
-    step: decode_one_token, or compiled_step(model).
+    step: decode_one_token, or compiled_step(model). fast_prefill: prefill in fastpath.prefill_dtype(model).
     """
     cached = [] if cached is None else cached
     max_len = model.cache_length()
@@ -140,7 +145,8 @@ def generate(model: "LLaMAAdapter", prompt_tokens: Sequence[int], *, images: Opt
         seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
         seen[torch.tensor(list(prompt_tokens), device=device)] = True
     new = torch.tensor(list(prompt_tokens[start:]), device=device)[None]
-    logits = prefill(model, new, start, images if start == 0 else None)[0]
+    logits = prefill(model, new, start, images if start == 0 else None,
+                     dtype=fastpath.prefill_dtype(model) if fast_prefill else None)[0]
     cached.extend(prompt_tokens[start:])
     stop = set(stop_ids)
     for pos in range(len(prompt_tokens), len(prompt_tokens) + max_new_tokens):
@@ -210,12 +216,13 @@ class Conversation:
     `context` is text about the image from expert models (caption, OCR); it is given as the input of the first
     turn kept in the history, so it survives trimming. The history keeps to the context window: before a turn,
     the oldest turns are dropped until the prompt leaves room for the answer (`dropped` says how many).
-    compile: decode through compiled_step (the first answer waits for the compilation).
+    compile: decode through compiled_step (the first answer waits for the compilation). fast_prefill: prefill
+    prompts in fastpath.prefill_dtype (bfloat16 on CPUs with bfloat16 matmuls); False: as the weights are stored.
     """
 
     def __init__(self, loaded: Loaded, sampling: Sampling = Sampling(), *, style: Optional[str] = None,
-                 compile: bool = False):
-        self.loaded, self.sampling = loaded, sampling
+                 compile: bool = False, fast_prefill: bool = True):
+        self.loaded, self.sampling, self.fast_prefill = loaded, sampling, fast_prefill
         self._step = compiled_step(loaded.model) if compile else decode_one_token
         self.style = style or loaded.info.get("prompt_style", "chat")
         self.turns: list[Turn] = []
@@ -257,7 +264,8 @@ class Conversation:
         tokens = generate(self.loaded.model, prompt, images=self.image, cached=self._cached, max_new_tokens=max_new,
                           temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                           repetition_penalty=s.repetition_penalty, stop_ids=(self.loaded.tokenizer.eos_id,),
-                          generator=self._generator, vocab_size=self.loaded.tokenizer.vocab_size, step=self._step)
+                          generator=self._generator, vocab_size=self.loaded.tokenizer.vocab_size, step=self._step,
+                          fast_prefill=self.fast_prefill)
         try:
             for token_id in tokens:
                 if token_id == self.loaded.tokenizer.eos_id:
@@ -321,13 +329,14 @@ def encode_dialog(loaded: Loaded, turns: Sequence[Turn], *, style: Optional[str]
 def generate_batch(model: "LLaMAAdapter", prompts: Sequence[Sequence[int]], *, sampling: Sequence[Sampling],
                    images: Optional[torch.Tensor] = None, image_mask: Optional[torch.Tensor] = None,
                    stop_ids: Sequence[int] = (), vocab_size: Optional[int] = None,
-                   cancelled: Callable[[int], bool] = lambda row: False,
-                   step: Callable = decode_one_token) -> Iterator[list[Optional[int]]]:
+                   cancelled: Callable[[int], bool] = lambda row: False, step: Callable = decode_one_token,
+                   fast_prefill: bool = True) -> Iterator[list[Optional[int]]]:
     """Decode several prompts together through one KV cache: yields, for every step, each row's new token id
     (None for a row that has finished). A row stops after its sampling.max_new_tokens, a stop id, or when
     cancelled(row) turns true. The prompts are left-padded to one length (see LLaMAAdapter.forward's `pad`), so
     each weight matrix is read once per step for all rows, and a greedy row gives what decoding it alone gives.
-    images (B, 3, H, W) with image_mask (B,) False where a row has none. Sets up the model's KV cache."""
+    images (B, 3, H, W) with image_mask (B,) False where a row has none. Sets up the model's KV cache.
+    fast_prefill: prefill in fastpath.prefill_dtype(model)."""
     B, device = len(prompts), model.tok_embeddings.weight.device
     lengths = [len(p) for p in prompts]
     longest, new = max(lengths), [s.max_new_tokens for s in sampling]
@@ -346,7 +355,8 @@ def generate_batch(model: "LLaMAAdapter", prompts: Sequence[Sequence[int]], *, s
     seen = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
     for row, prompt in enumerate(prompts):
         seen[row, torch.tensor(list(prompt), device=device)] = True
-    logits = prefill(model, tokens, 0, images, image_mask=image_mask, pad=pad)  # (B, V)
+    logits = prefill(model, tokens, 0, images, image_mask=image_mask, pad=pad,
+                     dtype=fastpath.prefill_dtype(model) if fast_prefill else None)  # (B, V)
     stop, done, produced = set(stop_ids), [False] * B, [0] * B
     try:
         for pos in range(longest, longest + max(new)):

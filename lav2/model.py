@@ -366,8 +366,8 @@ class Attention(nn.Module):
             out = self.attend(q, k, v, mask, causal=True)
         else:  # KV-cache inference: T new tokens at positions start_pos ...
             k, v = self.kv_cache.update(start_pos, k, v)  # (B, K, S, D)
-            if start_pos == 0:
-                self.kv_cache.prompt_kv = prompt_kv
+            if start_pos == 0:  # in the cache's dtype: a prefill under autocast computes them in bfloat16
+                self.kv_cache.prompt_kv = prompt_kv and tuple(t.to(k.dtype) for t in prompt_kv)
             prompt_kv = self.kv_cache.prompt_kv
             if mask is None and T > 1:  # several new tokens: each sees the cache up to its own position
                 mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(start_pos)  # (T, S)
@@ -548,8 +548,9 @@ class LLaMAAdapter(nn.Module):
 
     def forward(self, tokens: torch.Tensor, images: Optional[torch.Tensor] = None, *,
                 image_mask: Optional[torch.Tensor] = None, start_pos: Optional[int] = None,
-                pad: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits (B, T, V) in float32 for tokens (B, T).
+                pad: Optional[torch.Tensor] = None, head: bool = True) -> torch.Tensor:
+        """Logits (B, T, V) in float32 for tokens (B, T); head=False: the final hidden states (B, T, C) after
+        the last norm instead, for a caller that applies `output` to some positions only (training's loss).
 
         images (B, 3, H, W): preprocessed images; rows where image_mask (B,) is False get no visual prompt.
         start_pos: decode with the KV cache (see setup_cache), the tokens at positions start_pos ... start_pos + T - 1
@@ -601,7 +602,8 @@ class LLaMAAdapter(nn.Module):
                                prompt, mask, use_reentrant=True)
             else:
                 h = layer(h, freqs_cis, start_pos, prompt, mask)
-        return self.output(self.norm(h)).float()  # (B, T, V)
+        h = self.norm(h)  # (B, T, C)
+        return self.output(h).float() if head else h  # (B, T, V) or (B, T, C)
 
 
 # --- 7. What trains ----------------------------------------------------------------------------------------

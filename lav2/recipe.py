@@ -81,6 +81,7 @@ class Train:
     grad_clip: float | None = 1.0  # None disables clipping
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     skip_bad_records: bool = False
+    group_by_length: bool = True  # instruction micro-batches of records of similar length: far less padding
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

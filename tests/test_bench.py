@@ -7,6 +7,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
 MACHINE_KEYS = {"device", "name", "threads", "torch"}
 DECODE_KEYS = {"benchmark", "config", "dtype", "image", "compile", "params", "time_to_first_token_s",
                "tokens_per_s", "per_token_ms", "bytes_per_token", "bytes_breakdown", "bandwidth_gb_s",
@@ -37,6 +40,17 @@ def test_decode_float32_reports_the_bound_and_the_plain_llama():
     assert result["bound_tokens_per_s"] > 0 and result["ratio"] > 0
 
 
+def test_decode_compares_the_bfloat16_prefill_with_the_float32_one():
+    if not torch.cpu._is_avx512_bf16_supported():
+        pytest.skip("no bfloat16 matmul instructions: the prefill runs as stored, nothing to compare")
+    result = bench("decode", "--config", "tiny", "--new-tokens", "4", "--prompt-tokens", "16", "--bandwidth-mib", "16",
+                   "--no-compare")
+    prefill = result["prefill"]
+    assert prefill["dtype"] == "bfloat16" and set(prefill["time_to_first_token_s"]) == {"fast", "stored"}
+    assert prefill["time_to_first_token_s"]["fast"] == result["time_to_first_token_s"]
+    assert 0 <= prefill["greedy_agreement"] <= 1 and prefill["first_token_max_logit_error"] >= 0
+
+
 def test_decode_int8_with_image_compares_with_float32():
     result = bench("decode", "--config", "tiny", "--dtype", "int8", "--image", "--new-tokens", "6",
                    "--prompt-tokens", "8", "--bandwidth-mib", "16")
@@ -57,6 +71,15 @@ def test_train_reports_phases_and_peak_memory_in_a_table_or_json():
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert "tokens_per_s" in done.stdout and not done.stdout.lstrip().startswith("{")
+
+
+def test_train_on_the_alpaca_length_mix_reports_supervised_tokens_and_padding_both_ways():
+    result = bench("--threads", "1", "train", "--config", "tiny", "--length-mix", "alpaca", "--batch-size", "4",
+                   "--steps", "2", "--records", "100")
+    assert result["length_mix"] == "alpaca" and result["max_length"] <= 256 and MACHINE_KEYS <= set(result["machine"])
+    for setting in ("grouped", "shuffled"):
+        assert result[setting]["supervised_tokens_per_s"] > 0 and 0 <= result[setting]["padding_fraction"] < 1
+    assert result["grouped"]["padding_fraction"] < result["shuffled"]["padding_fraction"]
 
 
 def test_memory_7b_measures_real_steps_of_the_recipe():

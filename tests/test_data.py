@@ -275,3 +275,55 @@ def test_many_images_are_each_checked_once(tmp_path, monkeypatch, data_tokenizer
     monkeypatch.setattr(data_module, "image_problem", lambda path: checked.append(path) or real(path))
     data = prepare(load_recipe(recipe), data_tokenizer, preprocess)
     assert len(data.caption) == 2 * len(names) and sorted(checked) == sorted(tmp_path / n for n in names)
+
+
+def long_tailed_mixture(tokenizer, tmp_path: Path, n: int = 240) -> Mixture:
+    """Alpaca records whose answers are mostly short and a few long (lengths drawn log-normal, seeded)."""
+    generator = torch.Generator().manual_seed(0)
+    words = torch.empty(n).log_normal_(2.5, 0.9, generator=generator).clamp(1, 200).int().tolist()
+    records = [{"instruction": f"Describe item {i}.", "output": " ".join(["the red circle"] * w)}
+               for i, w in enumerate(words)]
+    path = tmp_path / "long_tailed.json"
+    path.write_text(json.dumps(records))
+    return Mixture([dataset(path, tokenizer, "alpaca")], [1.0])
+
+
+def epoch_indices(batches: Batches, epoch: int) -> list[int]:
+    length = batches.data.epoch_len
+    return [batches._index(p) for p in range(epoch * length, (epoch + 1) * length)]
+
+
+def test_length_grouping_hands_out_every_record_once_per_epoch(data_tokenizer, tmp_path):
+    mixture = long_tailed_mixture(data_tokenizer, tmp_path, n=203)  # not a multiple of the batch size
+    batches = Batches(mixture, 4, seed=3, pad_id=0, group_by_length=True)
+    for epoch in range(3):
+        assert sorted(epoch_indices(batches, epoch)) == list(range(203))
+    assert epoch_indices(batches, 0) != epoch_indices(batches, 1)
+    grouped = Batches(mixture, 4, seed=3, pad_id=0, group_by_length=True)
+    assert epoch_indices(grouped, 0) == epoch_indices(batches, 0)  # seeded
+    lengths = mixture.lengths()
+    firsts = [lengths[i] for i in epoch_indices(batches, 0)[:200:4]]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)  # the order does not follow length
+
+
+def test_length_grouped_batches_resume_exactly_at_any_position(data_tokenizer, tmp_path):
+    mixture = long_tailed_mixture(data_tokenizer, tmp_path, n=50)
+    straight = Batches(mixture, 4, seed=1, pad_id=0, group_by_length=True)
+    expected = [next(straight) for _ in range(30)]  # over two epochs: 50 is not a multiple of 4
+    for resume_at in (1, 12, 13, 29):
+        resumed = Batches(mixture, 4, seed=1, pad_id=0, group_by_length=True, start=4 * resume_at)
+        for want in expected[resume_at:]:
+            got = next(resumed)
+            assert torch.equal(got.tokens, want.tokens) and torch.equal(got.labels, want.labels)
+
+
+def test_length_grouping_pads_far_less_than_random_order(data_tokenizer, tmp_path):
+    mixture = long_tailed_mixture(data_tokenizer, tmp_path)
+
+    def padding(group: bool) -> float:
+        batches = Batches(mixture, 4, seed=0, pad_id=0, group_by_length=group)
+        tokens = torch.cat([next(batches).tokens.flatten() for _ in range(mixture.epoch_len // 4)])
+        return float((tokens == 0).float().mean())
+
+    random_order, grouped = padding(False), padding(True)
+    assert random_order > 0.3 and grouped < random_order / 5

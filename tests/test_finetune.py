@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
@@ -21,7 +22,7 @@ from safetensors.torch import load_file
 import lav2
 from lav2 import checkpoint, finetune
 from lav2.cli import main
-from lav2.data import Batch
+from lav2.data import IGNORE_INDEX, Batch
 from lav2.errors import Lav2Error
 from lav2.model import Config, LLaMAAdapter, mark_trainable, param_groups
 from lav2.fastpath import quantize_8bit_
@@ -194,10 +195,53 @@ def test_checkpointed_and_plain_gradients_agree(tmp_path, visual_base):
     for flag in (False, True):
         model.gradient_checkpointing = flag
         model.zero_grad(set_to_none=True)
-        finetune.loss_sum(model(batch.tokens, batch.images, image_mask=batch.image_mask), batch.labels).backward()
+        hidden = model(batch.tokens, batch.images, image_mask=batch.image_mask, head=False)
+        finetune.loss_sum(hidden, batch.labels, model.output).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+@pytest.mark.parametrize("images", [True, False], ids=["images", "text"])
+def test_supervised_chunked_head_gives_the_full_logits_loss_and_gradients(tmp_path, visual_base, images):
+    trainer = finetune.start(write_recipe(tmp_path, visual_base, micro_batch_size=4))
+    model = trainer.loaded.model
+    mark_trainable(model)
+    batch = trainer.micro_batches("instruction")[0]
+    batch = batch if images else Batch(batch.tokens, batch.labels, None, torch.zeros_like(batch.image_mask))
+    assert images == bool(batch.image_mask.any()) and (batch.labels == IGNORE_INDEX).any()
+
+    def loss_and_grads(loss_of) -> tuple[torch.Tensor, dict]:
+        model.zero_grad(set_to_none=True)
+        loss = loss_of(model(batch.tokens, batch.images, image_mask=batch.image_mask, head=False))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def full(hidden):  # every position's logits, as training computed them before
+        logits = model.output(hidden)[:, :-1].float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+
+    want, want_grads = loss_and_grads(full)
+    assert finetune.supervised_tokens(batch) > 7
+    for chunk_rows in (finetune.HEAD_CHUNK_ROWS, 7):  # one chunk, and several
+        got, got_grads = loss_and_grads(lambda h: finetune.loss_sum(h, batch.labels, model.output,
+                                                                    chunk_rows=chunk_rows))
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert got_grads.keys() == want_grads.keys() and len(got_grads) > 10
+        for name in want_grads:
+            torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_training_never_makes_logits_for_every_position(tmp_path, visual_base, monkeypatch):
+    trainer = finetune.start(write_recipe(tmp_path, visual_base, micro_batch_size=4, caption_ratio=0.0))
+    head, rows = trainer.loaded.model.output, []
+    monkeypatch.setattr(head, "forward", lambda x, forward=head.forward: rows.append(x.shape[0]) or forward(x))
+    batches = trainer.micro_batches("instruction")
+    trainer.positions["instruction"] = 0
+    trainer.train_step("instruction")
+    assert sum(rows) == 2 * sum(finetune.supervised_tokens(b) for b in batches)  # forward, and its recomputation
+    assert max(rows) < min(b.tokens.numel() for b in batches)
 
 
 # --- 8-bit ---------------------------------------------------------------------------------------------------
@@ -212,8 +256,8 @@ def test_8bit_base_trains_and_its_folder_loads(tmp_path, visual_base):
 
     def loss() -> float:
         with torch.no_grad():
-            logits = model(batch.tokens, batch.images, image_mask=batch.image_mask)
-        return float(finetune.loss_sum(logits, batch.labels)) / finetune.supervised_tokens(batch)
+            hidden = model(batch.tokens, batch.images, image_mask=batch.image_mask, head=False)
+        return float(finetune.loss_sum(hidden, batch.labels, model.output)) / finetune.supervised_tokens(batch)
 
     first = loss()
     for _ in range(15):
@@ -277,9 +321,9 @@ def test_nan_loss_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, vi
     recipe = write_recipe(tmp_path, visual_base, steps=6, checkpoint_every=1)
     real, calls = finetune.loss_sum, []
 
-    def poisoned(logits, labels):
+    def poisoned(hidden, labels, head):
         calls.append(1)
-        loss = real(logits, labels)
+        loss = real(hidden, labels, head)
         return loss * float("nan") if len(calls) == 7 else loss  # the first micro-batch of step 4
 
     monkeypatch.setattr(finetune, "loss_sum", poisoned)

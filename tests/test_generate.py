@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import shutil
 from pathlib import Path
@@ -14,7 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_image
 
+from lav2 import fastpath
 from lav2.errors import Lav2Error
+from lav2.fastpath import quantize_int8_
 from lav2.images import open_image
 from lav2.generate import Conversation, Sampling, TextStream, answer, generate, sample
 from lav2.prompts import STOP_STRINGS, Turn, render_prompt
@@ -73,9 +76,10 @@ def greedy_without_cache(model, ids, images, n):
     return ids[-n:]
 
 
-def cached_greedy(model, ids, images, n):
+def cached_greedy(model, ids, images, n, *, fast_prefill=False):
+    """Greedy through the KV cache; the prompt prefilled in float32 unless fast_prefill (bfloat16 on this CPU)."""
     model.setup_cache(1)
-    return list(generate(model, ids, images=images, max_new_tokens=n, temperature=0))
+    return list(generate(model, ids, images=images, max_new_tokens=n, temperature=0, fast_prefill=fast_prefill))
 
 
 @pytest.mark.parametrize("with_image", [False, True])
@@ -90,6 +94,18 @@ def test_cached_decoding_equals_decoding_without_cache(official, pixels, with_im
 def test_cached_decoding_equals_decoding_without_cache_text_only_model(base):
     ids = prompt_ids(base)
     assert cached_greedy(base.model, ids, None, 50) == greedy_without_cache(base.model, ids, None, 50)
+
+
+@pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
+def test_bfloat16_prefill_then_float32_decoding_gives_the_float32_greedy_tokens(official, pixels, with_image):
+    model = official.model
+    assert fastpath.prefill_dtype(model) == (torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else None)
+    images, ids = (pixels if with_image else None), prompt_ids(official)
+    fast = cached_greedy(model, ids, images, 20, fast_prefill=True)
+    assert fast == cached_greedy(model, ids, images, 20)
+    assert len(set(fast)) > 5
+    # int8 keeps its own prefill: its kernel already multiplies in bfloat16
+    assert fastpath.prefill_dtype(quantize_int8_(copy.deepcopy(model))) is None
 
 
 def test_compiled_decoding_answers_as_eager_decoding(official):

@@ -869,9 +869,13 @@ def load(path, device=None, dtype=None, *, quantize: Optional[str] = None, layou
         fastpath.require_bitsandbytes()
     for key, tensor in read_tensors(files, device):  # one tensor at a time, straight onto the device
         trainable_norm = layout is not None and key.endswith("norm.weight")  # trained in float32
-        assign_(model, key, tensor.to(torch.float32 if trainable_norm else dtype))
-        if kind:  # quantized as it arrives: a big model is never in memory at full precision
-            fastpath.quantize_loaded_(model, key, kind)
+        tensor = tensor.to(torch.float32 if trainable_norm else dtype)
+        assign_(model, key, tensor)
+        # Quantized as it arrives: a big model is never in memory at full precision. What is kept as read gets a
+        # copy of its own: a tensor read from a safetensors file may be a view of the file's memory map, which
+        # would keep every page of the file that quantizing read resident.
+        if kind and not fastpath.quantize_loaded_(model, key, kind):
+            assign_(model, key, tensor.clone())
     if layout is not None:
         init_adapters_(model, device=device, seed=seed)
     model.init_rope(device)

@@ -70,18 +70,22 @@ def store_for_decoding_(model: LLaMAAdapter) -> LLaMAAdapter:
 # --- quantized linears -------------------------------------------------------------------------------------
 
 
-def quantize_loaded_(model: LLaMAAdapter, key: str, kind: str) -> None:
+def quantize_loaded_(model: LLaMAAdapter, key: str, kind: str) -> bool:
     """Quantize ("int8" or "8bit") the block linear whose W the state dict key `key` names, right after that W
-    was loaded (and, for int8, the output head): the checkpoint loader calls it tensor by tensor."""
+    was loaded (and, for int8, the output head): the checkpoint loader calls it tensor by tensor. Whether it
+    quantized something."""
     prefix, _, name = key.rpartition(".")
     if name != "weight":
-        return
+        return False
     module = model.get_submodule(prefix)
     if type(module) is AdapterLinear:
         parent, _, child = prefix.rpartition(".")
         setattr(model.get_submodule(parent), child, (Int8Linear if kind == "int8" else Linear8bit)(module))
-    elif prefix == "output" and kind == "int8" and isinstance(module, nn.Linear):
+        return True
+    if prefix == "output" and kind == "int8" and isinstance(module, nn.Linear):
         model.output = Int8Head(module)
+        return True
+    return False
 
 
 def quantize_(model: LLaMAAdapter, kind: str) -> LLaMAAdapter:

@@ -94,8 +94,8 @@ def make_mme(root: Path, nested: bool = False) -> Path:
     for subtask, stem in (("existence", "000000006040"), ("OCR", "0001")):
         make_image((base / subtask).mkdir(parents=True) or base / subtask / f"{stem}.png")
         (base / subtask / f"{stem}.txt").write_text(
-            f"Is there a ball in this image? Please answer yes or no.\tYes\n"
-            f"Is there a cat in this image? Please answer yes or no.\tNo\n\n")
+            "Is there a ball in this image? Please answer yes or no.\tYes\n"
+            "Is there a cat in this image? Please answer yes or no.\tNo\n\n")
     (base / "artwork" / "images").mkdir(parents=True)
     (base / "artwork" / "questions_answers_YN").mkdir()
     make_image(base / "artwork" / "images" / "10002.jpg")

@@ -111,10 +111,12 @@ def merge(run_dir, out, dtype):
 @click.option("--split", help="caption, Karpathy split JSON: the part to evaluate (default: test).")
 @click.option("--annotations", type=click.Path(path_type=Path), help="vqa, VQAv2 questions file: its annotations "
               "file (default: found beside it).")
+@click.option("--instruction", help="choice, vqa: the line after each question (default: the instruction "
+              "LLaVA-style models are trained on; \"\" for none, for a model trained on bare questions).")
 @click.option("--device", help="torch device, e.g. cpu, cuda (default: cuda if available).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]),
               help="Weights dtype (default: bfloat16 on CUDA, float32 on CPU).")
-def eval_(model_dir, task, data, image_root, out, batch_size, limit, split, annotations, device, dtype):
+def eval_(model_dir, task, data, image_root, out, batch_size, limit, split, annotations, instruction, device, dtype):
     """Answer a benchmark with a model (greedy, batched) and score it as the benchmark does.
 
     \b
@@ -129,7 +131,7 @@ def eval_(model_dir, task, data, image_root, out, batch_size, limit, split, anno
 
     ev.evaluate(model_dir, task=task, data=data, image_root=image_root,
                 out=out or ev.default_out(model_dir, task, data), batch_size=batch_size, limit=limit, split=split,
-                annotations=annotations, device=device, dtype=dtype)
+                annotations=annotations, instruction=instruction, device=device, dtype=dtype)
 
 
 # the options of the commands that load a model to answer with it: chat and serve

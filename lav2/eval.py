@@ -279,7 +279,11 @@ def _mme_questions(txt: Path, subtask: str, image: Path) -> list[Item]:
 # --- multiple choice ---------------------------------------------------------------------------------------
 
 
-def read_choice(data: Path, image_root: Path) -> list[Item]:
+def with_instruction(question: str, instruction: str) -> str:
+    return f"{question}\n{instruction}" if instruction else question
+
+
+def read_choice(data: Path, image_root: Path, *, instruction: str = CHOICE_INSTRUCTION) -> list[Item]:
     """Records {question, options or choices: [...], answer: a letter or a 0-based index, image?, category? or
     subject?, context? or hint?, id?}; the prompt lists the options as "A. ...", one a line, and asks for the
     letter."""
@@ -301,8 +305,8 @@ def read_choice(data: Path, image_root: Path) -> list[Item]:
             raise records.error(place, f"field 'answer' must be a letter {letters[0]}-{letters[-1]} or an index "
                                        f"0-{len(options) - 1}, not {answer!r}")
         image = records.text(place, record, "image", required=False)
-        lines = [question, *(f"{letter}. {option}" for letter, option in zip(letters, options)), CHOICE_INSTRUCTION]
-        items.append(Item(_record_id(record, place, "id"), "\n".join(lines),
+        lines = [question, *(f"{letter}. {option}" for letter, option in zip(letters, options))]
+        items.append(Item(_record_id(record, place, "id"), with_instruction("\n".join(lines), instruction),
                           None if image is None else image_root / image, (index, len(options)),
                           records.text(place, record, "category", "subject", required=False),
                           records.text(place, record, "context", "hint", required=False)))
@@ -312,14 +316,15 @@ def read_choice(data: Path, image_root: Path) -> list[Item]:
 # --- VQA ---------------------------------------------------------------------------------------------------
 
 
-def read_vqa(data: Path, image_root: Path, *, annotations: Optional[Path] = None) -> list[Item]:
+def read_vqa(data: Path, image_root: Path, *, annotations: Optional[Path] = None,
+             instruction: str = VQA_INSTRUCTION) -> list[Item]:
     """A list of {image, question, answers: [...], question_id? or id?, answer_type?} records, or VQAv2's
     questions file (its annotations file found beside it: v2_OpenEnded_mscoco_val2014_questions.json ->
     v2_mscoco_val2014_annotations.json, or given as `annotations`); VQAv2's images are COCO_<subtype>_<id>.jpg
     under `image_root`."""
     raw = _load_json(data)
     if isinstance(raw, dict) and "questions" in raw:
-        return _read_vqav2(data, raw, image_root, annotations)
+        return _read_vqav2(data, raw, image_root, annotations, instruction)
     if annotations is not None:
         raise Lav2Error(f"--annotations goes with a VQAv2 questions file; {short_path(data)} is not one "
                         f"(no 'questions' list)")
@@ -329,7 +334,7 @@ def read_vqa(data: Path, image_root: Path, *, annotations: Optional[Path] = None
         question = records.text(place, record, "question")
         image = records.text(place, record, "image")
         answers = records.strings(place, record, "answers", inner="answer", empty_ok=True)
-        items.append(Item(_record_id(record, place, "question_id", "id"), f"{question}\n{VQA_INSTRUCTION}",
+        items.append(Item(_record_id(record, place, "question_id", "id"), with_instruction(question, instruction),
                           image_root / image, tuple(answers),
                           records.text(place, record, "answer_type", required=False)))
     return _unique(items, data)
@@ -343,7 +348,7 @@ def vqav2_annotations_path(questions: Path) -> Path:
     return questions.with_name(name)
 
 
-def _read_vqav2(data: Path, raw: dict, image_root: Path, annotations: Optional[Path]) -> list[Item]:
+def _read_vqav2(data: Path, raw: dict, image_root: Path, annotations: Optional[Path], instruction: str) -> list[Item]:
     path = annotations or vqav2_annotations_path(data)
     if annotations is None and not path.is_file():
         raise Lav2Error(f"{short_path(data)} is a VQAv2 questions file but its annotations are not beside it "
@@ -369,7 +374,7 @@ def _read_vqav2(data: Path, raw: dict, image_root: Path, annotations: Optional[P
                                          f"{short_path(path)} annotates")
         answers, answer_type = by_question[record["question_id"]]
         image = image_root / f"COCO_{subtype}_{record['image_id']:012d}.jpg"
-        items.append(Item(str(record["question_id"]), f"{question}\n{VQA_INSTRUCTION}", image, tuple(answers),
+        items.append(Item(str(record["question_id"]), with_instruction(question, instruction), image, tuple(answers),
                           answer_type if isinstance(answer_type, str) else None))
     return _unique(items, data)
 
@@ -411,9 +416,10 @@ TASKS = {
 
 
 def read_items(task: str, data: Path, *, image_root: Optional[Path] = None, split: Optional[str] = None,
-               annotations: Optional[Path] = None) -> list[Item]:
+               annotations: Optional[Path] = None, instruction: Optional[str] = None) -> list[Item]:
     """The task's items from its data file (or MME folder); image paths under image_root (default: the data
-    file's folder). Options that do not apply to the task are errors, not ignored."""
+    file's folder). instruction: the line after each choice or vqa question (default: the one LLaVA-style models
+    are trained on; "" for none). Options that do not apply to the task are errors, not ignored."""
     if task not in TASKS:
         raise Lav2Error(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     if task == "mme" and image_root is not None:
@@ -421,6 +427,8 @@ def read_items(task: str, data: Path, *, image_root: Optional[Path] = None, spli
     for option, value, owner in (("--split", split, "caption"), ("--annotations", annotations, "vqa")):
         if value is not None and task != owner:
             raise Lav2Error(f"{option} does not apply to --task {task}, only to --task {owner}")
+    if instruction is not None and task not in ("choice", "vqa"):
+        raise Lav2Error(f"--instruction does not apply to --task {task}, only to choice and vqa")
     data = Path(data)
     root = Path(image_root) if image_root is not None else data.parent
     if task == "caption":
@@ -428,9 +436,10 @@ def read_items(task: str, data: Path, *, image_root: Optional[Path] = None, spli
     elif task == "mme":
         items = read_mme(data)
     elif task == "choice":
-        items = read_choice(data, root)
+        items = read_choice(data, root, **({} if instruction is None else {"instruction": instruction}))
     else:
-        items = read_vqa(data, root, annotations=annotations)
+        items = read_vqa(data, root, annotations=annotations,
+                         **({} if instruction is None else {"instruction": instruction}))
     if not items:
         raise Lav2Error(f"{short_path(data)}: no {task} items in it")
     return items
@@ -473,7 +482,7 @@ def _check_same_questions(items: Sequence[Item], done: dict[str, dict], path: Pa
 def evaluate(model: Union[str, Path, Loaded], *, task: str, data: Union[str, Path], out: Union[str, Path],
              image_root: Union[str, Path, None] = None, batch_size: int = 8, limit: Optional[int] = None,
              split: Optional[str] = None, annotations: Union[str, Path, None] = None, device: Optional[str] = None,
-             dtype: Optional[str] = None, console: Optional[Console] = None) -> dict:
+             dtype: Optional[str] = None, instruction: Optional[str] = None, console: Optional[Console] = None) -> dict:
     """Answer the first `limit` items (all when None) of the task's data with the model (a folder or a
     `lav2.load` result), greedily, `batch_size` at a time, and score them; writes out/predictions.jsonl and
     out/metrics.json and returns what metrics.json holds. Run again with the same `out`, it answers only
@@ -484,7 +493,7 @@ def evaluate(model: Union[str, Path, Loaded], *, task: str, data: Union[str, Pat
     if limit is not None and limit < 1:
         raise Lav2Error(f"--limit must be at least 1, not {limit}")
     items = read_items(task, Path(data), image_root=None if image_root is None else Path(image_root), split=split,
-                       annotations=None if annotations is None else Path(annotations))[:limit]
+                       annotations=None if annotations is None else Path(annotations), instruction=instruction)[:limit]
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise Lav2Error(f"--out {short_path(out)} is a file; give a folder")

@@ -430,3 +430,16 @@ def test_cli_end_to_end_with_progress_and_table(model_folder, tmp_path):
     assert result.exit_code == 0, result.output
     assert "choice: 2 of 2 items scored" in result.output and "eval choice" in result.output  # table, bar
     assert json.loads((out / ev.METRICS_FILE).read_text())["scored"] == 2
+
+
+def test_the_instruction_after_a_question_can_be_changed_or_dropped(tmp_path):
+    from lav2 import eval as ev
+
+    data = tmp_path / "vqa.jsonl"
+    data.write_text(json.dumps({"image": "a.png", "question": "What colour is it?", "answers": ["red"]}) + "\n")
+    default = ev.read_items("vqa", data)[0]
+    assert default.question == f"What colour is it?\n{ev.VQA_INSTRUCTION}"
+    assert ev.read_items("vqa", data, instruction="")[0].question == "What colour is it?"
+    assert ev.read_items("vqa", data, instruction="One word.")[0].question == "What colour is it?\nOne word."
+    with pytest.raises(Lav2Error, match="--instruction does not apply to --task caption"):
+        ev.read_items("caption", data, instruction="")

@@ -770,9 +770,11 @@ def gpu(config_name, steps, new_tokens, device, table):
 # --- eval ----------------------------------------------------------------------------------------------------
 
 
-def bench_eval(*, config_name: str, items: int, batch_sizes: list[int], new_tokens: int, device: Optional[str]) -> dict:
-    """Items/s of greedy answers to image questions (generate.answer_batch, as `lav2 eval` runs them) at each
-    batch size, on a random model: every answer is `new_tokens` long (random weights rarely say eos early)."""
+def bench_eval(*, config_name: str, items: int, batch_sizes: list[int], new_tokens: int, device: Optional[str],
+               with_images: bool = True) -> dict:
+    """Items/s of greedy answers to questions (generate.answer_batch, as `lav2 eval` runs them) at each batch
+    size, on a random model: every answer is `new_tokens` long (random weights rarely say eos early). With
+    images, each item's CLIP pass costs the same at any batch size; without, only the decoding is measured."""
     from PIL import Image
 
     from lav2.generate import Sampling, answer_batch
@@ -786,9 +788,11 @@ def bench_eval(*, config_name: str, items: int, batch_sizes: list[int], new_toke
               for _ in range(items)]
     dialogs = [[Turn(f"What colour is shape number {i}?")] for i in range(items)]
     sampling = Sampling(temperature=0, max_new_tokens=new_tokens)
+    if not with_images:
+        images = [None] * items
     answer_batch(loaded, dialogs[:1], images=images[:1], sampling=sampling)  # warm-up
     result: dict = {"benchmark": "eval", "config": config_name, "items": items, "new_tokens": new_tokens,
-                    "items_per_s": {}, "seconds": {}}
+                    "images": with_images, "items_per_s": {}, "seconds": {}}
     for size in batch_sizes:
         sync(dev)
         start = time.perf_counter()
@@ -809,12 +813,13 @@ def bench_eval(*, config_name: str, items: int, batch_sizes: list[int], new_toke
 @click.option("--items", default=16, show_default=True, help="Questions, each with its own image.")
 @click.option("--batch-sizes", default="1,8", show_default=True, help="Comma-separated batch sizes to time.")
 @click.option("--new-tokens", default=16, show_default=True, help="Tokens per answer.")
+@click.option("--images/--no-images", default=True, show_default=True, help="Each question with its own image.")
 @device_option
 @table_option
-def eval_command(config_name, items, batch_sizes, new_tokens, device, table):
+def eval_command(config_name, items, batch_sizes, new_tokens, images, device, table):
     """Items/s of batched greedy answering (lav2 eval's decoding) at several batch sizes."""
     emit(bench_eval(config_name=config_name, items=items, batch_sizes=[int(s) for s in batch_sizes.split(",")],
-                    new_tokens=new_tokens, device=device), table)
+                    new_tokens=new_tokens, device=device, with_images=images), table)
 
 
 # --- serve: the HTTP API under concurrent clients --------------------------------------------------------

@@ -471,7 +471,9 @@ class VisualBranch(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.clip is None:
             raise RuntimeError("the visual branch has no CLIP tower: load the model with lav2.load()")
-        with torch.no_grad():  # CLIP stays frozen
+        # CLIP stays frozen, in the dtype it was loaded in: not under an autocast meant for the LLaMA (torch's CPU
+        # bfloat16 path for its attention is orders of magnitude slower for more than one image)
+        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
             tokens = encode_clip_tokens(self.clip, images)  # (B, N, clip_dim)
         dtype = self.clip_proj.weight.dtype
         x = self.clip_proj_norm(self.clip_proj(tokens.to(dtype)))  # (B, N, E)

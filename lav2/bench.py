@@ -304,7 +304,7 @@ def compare_prefill(model: LLaMAAdapter, prompt: torch.Tensor, fast_ttft: float,
     decode_in_turn([fast_logits], new_tokens)
     agreement = logit_agreement(stored[0], fast_logits)
     first_error = (fast_logits.kept[0] - stored[0].kept[0]).abs()
-    ttft = {"fast": min(fast_ttft, fast_logits.first_token_s), "stored": min(d.first_token_s for d in stored)}
+    ttft = {"fast": fast_ttft, "stored": min(d.first_token_s for d in stored)}  # fast: the headline's figure
     return {"dtype": str(prefill_dtype(model)).removeprefix("torch."), "time_to_first_token_s": ttft,
             "speedup": ttft["stored"] / ttft["fast"], "first_token_max_logit_error": float(first_error.max()),
             "first_token_logit_std": float(stored[0].kept[0].std()),

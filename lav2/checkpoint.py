@@ -79,8 +79,6 @@ def read_safetensors(path: Path, device="cpu") -> dict[str, torch.Tensor]:
                         f"again") from None
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    return read_safetensors(path) if path.suffix == ".safetensors" else read_torch_file(path)
 
 
 # --- key maps: Meta, Hugging Face and official adapter checkpoints to lav2 names -----------------------
@@ -739,10 +737,6 @@ def read_tensors(files: list[Path], device="cpu", only: Optional[set[str]] = Non
                             f"again") from None
 
 
-def collect_weights(folder: Path, info: dict, device="cpu") -> tuple[dict[str, torch.Tensor], Optional[dict], Path]:
-    """All of a folder's weights in one state dict (see weight_files); the CLIP spec and its folder."""
-    files, clip_spec, clip_folder = weight_files(folder, info)
-    return dict(read_tensors(files, device)), clip_spec, clip_folder
 
 
 def effective_clip(folder: Path, info: dict) -> Optional[dict]:

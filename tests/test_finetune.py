@@ -7,6 +7,7 @@ import json
 import os
 import random
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -280,9 +281,15 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path,
     recipe = write_recipe(tmp_path, visual_base, steps=4, checkpoint_every=0)
     one = cli("finetune", str(recipe), "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "lav2.cli", "finetune", str(recipe), "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for attempt in range(2):
+        shutil.rmtree(tmp_path / "two", ignore_errors=True)
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "-m", "lav2.cli", "finetune", str(recipe), "--out", str(tmp_path / "two")],
+                             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        # Seen about once in four runs on this 2-core machine: a rank aborts in gloo's teardown
+        # ("terminate called without an active exception"); one more launch, and any other failure fails.
+        if two.returncode == 0 or "terminate called without an active exception" not in two.stderr:
+            break
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = adapter(tmp_path / "one"), adapter(tmp_path / "two")
     assert a.keys() == b.keys()

@@ -628,6 +628,82 @@ def bench_chat(*, config_name: str, dtype: str, quantize: Optional[str], prompt_
             "machine": machine(dev)}
 
 
+def hf_folders(config: Config, root: Path, *, dtype: torch.dtype = torch.float16,
+               shard_bytes: int = 5 * 10**9) -> tuple[Path, Path]:
+    """What a user downloads: a Hugging Face LLaMA folder (config.json, model-0000N-of-0000M.safetensors in HF's
+    names, tokenizer.model) and an open_clip CLIP folder (ViT-L/14-shaped beside the big configs), random
+    weights, written shard by shard."""
+    inverse = {ours: hf for hf, ours in checkpoint.HF_KEYS.items()}
+    inverse.update({f"layers.{i}.{ours}.weight": f"model.layers.{i}.{hf}.weight"
+                    for i in range(config.n_layers) for hf, ours in checkpoint.HF_LAYER_KEYS.items()})
+    model = checkpoint.meta_model(config.base())
+    state = {inverse[k]: v for k, v in model.state_dict().items() if k in checkpoint.base_state_names(model)}
+    hf, clip_dir = root / "hf", root / "clip"
+    hf.mkdir(parents=True)
+    groups = list(checkpoint.shards(((k, v) for k, v in state.items()), max_bytes=shard_bytes // dtype.itemsize * 4))
+    for i, group in enumerate(groups, 1):
+        checkpoint.save_tensors(dict(random_tensors(group, dtype)), hf / f"model-{i:05d}-of-{len(groups):05d}.safetensors")
+    (hf / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": config.dim,
+        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads or config.n_heads, "intermediate_size": model.layers[0].feed_forward.w1.weight.shape[0],
+        "vocab_size": config.vocab_size, "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
+        "max_position_embeddings": config.max_seq_len, "torch_dtype": str(dtype).removeprefix("torch.")}))
+    word_tokenizer(hf / checkpoint.TOKENIZER_FILE, 300)
+    clip_dir.mkdir()
+    import open_clip
+
+    # the CLIP's output as wide as an imported plain LLaMA expects (the official CLIP's); both towers in
+    # float32, as the hub's open_clip_model.safetensors holds them
+    spec = {**clip_config(config), "embed_dim": VIT_L_14["embed_dim"]}
+    with torch.device("meta"):
+        clip = open_clip.CLIP(**spec)
+    (clip_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": spec}))
+    checkpoint.save_tensors(dict(random_tensors(clip.state_dict(), torch.float32)),
+                            clip_dir / "open_clip_model.safetensors")
+    return hf, clip_dir
+
+
+# `lav2 download` in a process of its own that reports its own peak: the kernel's ru_maxrss for a child would
+# count the benchmark's memory too (exec after vfork keeps the parent's high-water mark).
+IMPORT_CHILD = ("import atexit, sys\n"
+                "def peak():\n"
+                "    lines = open('/proc/self/status').read().splitlines()\n"
+                "    print('VmHWM', *[l.split()[1] for l in lines if l.startswith('VmHWM:')], file=sys.stderr)\n"
+                "atexit.register(peak)\n"
+                "from lav2.cli import main\n"
+                "main()\n")
+
+
+def bench_import(*, config_name: str) -> dict:
+    """`lav2 download HF_FOLDER --clip CLIP_FOLDER --out DIR` on random Hugging Face-format weights (float16, in
+    5 GB shards as transformers saves them), run as its own process: its time and peak resident memory, which
+    streaming keeps near one output shard (twice: safetensors serialises a copy) however big the model is."""
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/status").is_file():
+        raise click.ClickException("bench import reads the peak memory from /proc: Linux only")
+    config = CONFIGS[config_name]
+    with tempfile.TemporaryDirectory(prefix="lav2-bench-") as tmp:
+        start = time.perf_counter()
+        hf, clip_dir = hf_folders(config, Path(tmp))
+        write_s = time.perf_counter() - start
+        source_bytes = sum(f.stat().st_size for f in hf.glob("*.safetensors"))
+        start = time.perf_counter()
+        run = subprocess.run([sys.executable, "-c", IMPORT_CHILD, "download", str(hf), "--clip", str(clip_dir),
+                              "--out", str(Path(tmp) / "base")], capture_output=True, text=True)
+        import_s = time.perf_counter() - start
+        if run.returncode != 0:
+            raise click.ClickException(f"lav2 download failed: {run.stderr.strip().splitlines()[-2:]}")
+        written = sum(f.stat().st_size for f in (Path(tmp) / "base").iterdir())
+    peak = int(run.stderr.split("VmHWM")[-1].split()[0]) * 1024
+    return {"benchmark": "import", "config": config_name, "source_bytes": source_bytes, "written_bytes": written,
+            "import_s": import_s, "write_source_s": write_s, "peak_memory_bytes": peak, "peak_memory_gib": peak / GIB,
+            "memory_method": "peak resident memory of the `lav2 download` process (its VmHWM)",
+            "machine": machine(torch.device("cpu"))}
+
+
 def bench_gpu(*, config_name: str, steps: int, new_tokens: int, device: Optional[str]) -> dict:
     """What the README's GPU rows need, in one run: the 7B fine-tune with the 24 GB recipe (seq 512 x
     micro-batch 4, 8-bit base, checkpointing, bf16) and the 7B chat in bfloat16 and in int8."""
@@ -754,6 +830,14 @@ def chat(config_name, dtype, quantize, prompt_tokens, new_tokens, device, table)
     """Load and decode as `lav2 chat` does, at real width: peak memory, first token, tokens/s."""
     emit(bench_chat(config_name=config_name, dtype=dtype, quantize=quantize, prompt_tokens=prompt_tokens,
                     new_tokens=new_tokens, device=device), table)
+
+
+@main.command("import")
+@click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default="7b", show_default=True)
+@table_option
+def import_(config_name, table):
+    """Time and peak memory of importing a Hugging Face LLaMA folder (`lav2 download FOLDER --clip DIR`)."""
+    emit(bench_import(config_name=config_name), table)
 
 
 @main.command()

@@ -315,11 +315,14 @@ def read_base_weights(source: Source) -> dict[str, Lazy]:
     return hf_to_lav2(state, source.config)
 
 
-SHARD_BYTES = 2 * 2**30  # a shard of a written base: what import and merge hold in memory at once
+# A shard of a written base. Import and merge hold one in memory, twice while safetensors serialises it.
+SHARD_BYTES = 2**30
 
 
-def shards(tensors: Iterator[tuple[str, torch.Tensor]], max_bytes: int = SHARD_BYTES) -> Iterator[dict[str, torch.Tensor]]:
-    """(key, tensor) pairs grouped into state dicts of at most max_bytes (or one tensor), for write_folder."""
+def shards(tensors: Iterator[tuple[str, torch.Tensor]], max_bytes: Optional[int] = None) -> Iterator[dict[str, torch.Tensor]]:
+    """(key, tensor) pairs grouped into state dicts of at most max_bytes (default SHARD_BYTES) or one tensor,
+    for write_folder."""
+    max_bytes = max_bytes or SHARD_BYTES
     shard, size = {}, 0
     for key, tensor in tensors:
         if shard and size + tensor.nbytes > max_bytes:
@@ -348,7 +351,8 @@ def base_state_names(model: LLaMAAdapter) -> set[str]:
 
 def read_clip_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """A folder with open_clip_config.json (the kwargs of open_clip.CLIP, or the hub's {"model_cfg": ...}) and
-    open_clip_model.safetensors; returns the model config and the vision tower's weights."""
+    open_clip_model.safetensors; returns the model config and the vision tower's weights (the text tower,
+    which lav2 never uses, is not read)."""
     cfg_file, weights_file = folder / "open_clip_config.json", folder / "open_clip_model.safetensors"
     for f in (cfg_file, weights_file):
         if not f.is_file():
@@ -356,10 +360,10 @@ def read_clip_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
                             f"open_clip_model.safetensors")
     cfg = read_json(cfg_file)
     cfg = cfg.get("model_cfg", cfg)
-    visual = {k[len("visual."):]: v for k, v in read_safetensors(weights_file).items() if k.startswith("visual.")}
-    if not visual:
+    names = {k for k in tensor_shapes([weights_file]) if k.startswith("visual.")}
+    if not names:
         raise Lav2Error(f"{weights_file}: holds no visual.* weights (not an open_clip CLIP)")
-    return cfg, visual
+    return cfg, {k[len("visual."):]: v for k, v in read_tensors([weights_file], only=names)}
 
 
 def build_clip_visual(clip_config: dict) -> nn.Module:
@@ -572,9 +576,12 @@ def import_model(src: Path, out: Path, *, adapter: Optional[Path] = None, clip: 
             raise Lav2Error(f"{clip}: CLIP output width {clip_weights['proj'].shape[1]} != the adapter's "
                             f"clip_dim {config.clip_dim}; use the CLIP the adapter was trained with")
     with atomic_folder(out) as tmp:
+        if clip_weights is not None:  # written first and dropped: never in memory beside a base shard
+            save_tensors(clip_weights, tmp / CLIP_FILE)
+            del clip_weights
         base_weights = shards((key, read()) for key, (_, read) in base_state.items())  # read as written
         write_folder(tmp, config=config, layout=layout, tokenizer=source.tokenizer, base_weights=base_weights,
-                     adapter=adapter_state, clip_spec=clip_spec, clip_weights=clip_weights, prompt_style=prompt_style,
+                     adapter=adapter_state, clip_spec=clip_spec, prompt_style=prompt_style,
                      source=dict(base=str(src.resolve()), adapter=str(adapter.resolve()) if adapter else None))
     return out
 

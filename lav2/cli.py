@@ -75,12 +75,15 @@ def finetune(recipe, overrides, out, resume):
 @click.option("--seed", default=0, show_default=True, help="Seed of the images, the tiny model and its tokenizer.")
 @click.option("--images", default=2000, show_default=True, help="Training images.")
 @click.option("--heldout", default=100, show_default=True, help="Held-out images, for `lav2 eval`.")
-def demo(folder, seed, images, heldout):
+@click.option("--clip-steps", default=None, type=click.IntRange(min=0),
+              help="Contrastive pretraining steps of the tiny CLIP (default: lav2.demo.CLIP_STEPS; 0: random).")
+def demo(folder, seed, images, heldout, clip_steps):
     """Generate the offline demo's base model and data into FOLDER (default runs/demo): what
     recipes/shapes.yaml trains on, made locally in seconds."""
     from lav2 import demo as demo_data
 
-    demo_data.generate(folder, seed=seed, images=images, heldout=heldout)
+    steps = demo_data.CLIP_STEPS if clip_steps is None else clip_steps
+    demo_data.generate(folder, seed=seed, images=images, heldout=heldout, clip_steps=steps)
     click.echo(f"demo data ready: {folder}; next: lav2 finetune recipes/shapes.yaml")
 
 

@@ -2,8 +2,10 @@
 
 `generate(folder)` (the command `lav2 demo FOLDER`) writes:
 
-    base/      a lav2 base folder: a tiny random LLaMA (frozen, like any base), a tiny open_clip ViT (frozen) and
-               a SentencePiece model trained on the demo's texts
+    base/      a lav2 base folder: a tiny random LLaMA (frozen, like any base), a tiny open_clip ViT (frozen)
+               pretrained with open_clip's contrastive loss on 10000 picture-caption pairs of its own, as a real
+               CLIP is pretrained before it is frozen (a random tower tells colours apart, not shapes), and a
+               SentencePiece model trained on the demo's texts
     data/      images of one shape (circle, square, triangle, star) in one of six colours at a random place and
                size on a plain light or dark background; captions.jsonl ("A red circle."), instructions.jsonl
                ("What colour is the shape?" -> "Red.", "What shape is it?" -> "A circle.", a few text-only)
@@ -47,8 +49,12 @@ TEXT_ONLY = [
 
 # the tiny LLaMA (vocab_size is the tokenizer's, found after training it) and its CLIP tower
 BASE = dict(dim=128, n_layers=4, n_heads=4, multiple_of=32, max_seq_len=256, vocab_size=1000)
-CLIP = {"image_size": 32, "patch_size": 4, "width": 64, "layers": 2, "head_width": 16, "embed_dim": 32}
+# 8 px patches: 17 tokens, 5x cheaper to pretrain than 4 px ones, and shape as well told apart (measured)
+CLIP = {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 16, "embed_dim": 32}
 IMAGE_SIZE, TEXT_ONLY_REPEAT, HELDOUT_SEED = 64, 20, 1
+# contrastive pretraining of the tiny CLIP (then frozen), on pictures and captions of its own, as a real CLIP
+# is pretrained on far more pairs than an adapter is tuned on; at most CLIP_IMAGES pairs
+CLIP_STEPS, CLIP_IMAGES, CLIP_BATCH, CLIP_LR, CLIP_WARMUP, CLIP_SEED = 3000, 10000, 64, 2e-3, 20, 2
 
 
 # --- images ------------------------------------------------------------------------------------------------
@@ -93,24 +99,135 @@ def answers(colour: str, shape: str) -> dict[str, str]:
     return {COLOUR_QUESTION: f"{colour.capitalize()}.", SHAPE_QUESTION: f"A {shape}."}
 
 
-def draw_set(folder: Path, count: int, seed: int, size: int) -> list[dict]:
+def draw_set(folder: Path, count: int, seed: int, size: int) -> tuple[list[dict], list]:
+    """Draw and save `count` pictures; returns their records and the PIL images."""
     folder.mkdir(parents=True)
-    rng, records = random.Random(seed), []
+    rng, records, images = random.Random(seed), [], []
     for i in range(count):
         image, colour, shape = draw(rng, size)
         image.save(folder / f"{i}.png")
         records.append({"image": f"{i}.png", "colour": colour, "shape": shape})
-    return records
+        images.append(image)
+    return records, images
 
 
 # --- the tiny base -----------------------------------------------------------------------------------------
+
+
+# the text tower open_clip requires: used only to pretrain the vision tower (captions of up to 5 words)
+TEXT_CFG = {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}
 
 
 def clip_config(c: dict) -> dict:
     """open_clip.CLIP kwargs of the demo's vision tower (the text tower is required by open_clip, unused)."""
     vision = {k: c[k] for k in ("image_size", "patch_size", "width", "layers", "head_width")}
     return {"embed_dim": c["embed_dim"], "quick_gelu": True, "vision_cfg": vision,
-            "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}
+            "text_cfg": TEXT_CFG}
+
+
+# --- the tiny CLIP, pretrained -----------------------------------------------------------------------------
+
+# A word-level tokenizer for the CLIP text tower: captions are "A|An <colour> <shape>."; 0 pads, 1 starts a
+# caption and the end token takes the highest id, where open_clip pools the text ("argmax").
+CLIP_WORDS = ("a", "an", *COLOURS, *SHAPES)
+
+
+def caption_tokens(texts: list[str], text_cfg: dict) -> torch.Tensor:
+    """(N, context_length) token ids of the captions for the CLIP text tower."""
+    end = text_cfg["vocab_size"] - 1
+    ids = torch.zeros(len(texts), text_cfg["context_length"], dtype=torch.long)
+    for i, text in enumerate(texts):
+        row = [1, *(2 + CLIP_WORDS.index(w) for w in text.lower().rstrip(".").split()), end]
+        ids[i, :len(row)] = torch.tensor(row)
+    return ids
+
+
+def clip_pixels(clip, images: list) -> torch.Tensor:
+    """(N, 3, S, S): the images through the eval transform lav2.load gives this tower (checkpoint.load_clip)."""
+    import open_clip
+
+    size = clip.visual.image_size
+    transform = open_clip.image_transform(size if isinstance(size, int) else size[0], is_train=False,
+                                          mean=getattr(clip.visual, "image_mean", None),
+                                          std=getattr(clip.visual, "image_std", None))
+    return torch.stack([transform(image) for image in images])
+
+
+def clip_pairs(clip, *, seed: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` pictures drawn in memory for the CLIP's pretraining, with their captions: (pixels, tokens)."""
+    rng = random.Random(seed * 1000 + CLIP_SEED)
+    drawn = [draw(rng, IMAGE_SIZE) for _ in range(count)]
+    tokens = caption_tokens([caption(colour, shape) for _, colour, shape in drawn], TEXT_CFG)
+    return clip_pixels(clip, [image for image, _, _ in drawn]), tokens
+
+
+@torch.no_grad()
+def zero_shot(clip, images: list, records: list[dict]) -> dict[str, float]:
+    """How often the CLIP's nearest caption among all 24 names the right colour and the right shape."""
+    pairs = [(colour, shape) for colour in COLOURS for shape in SHAPES]
+    training = clip.training
+    clip.eval()
+    text = clip.encode_text(caption_tokens([caption(*pair) for pair in pairs], TEXT_CFG), normalize=True)
+    nearest = (clip.encode_image(clip_pixels(clip, images), normalize=True) @ text.T).argmax(dim=1).tolist()
+    clip.train(training)
+    return {kind: sum(pairs[n][i] == r[kind] for n, r in zip(nearest, records)) / len(records)
+            for i, kind in enumerate(("colour", "shape"))}
+
+
+def clip_loss(clip, pixels: torch.Tensor, tokens: torch.Tensor, *, batch: int = CLIP_BATCH) -> float:
+    """The mean contrastive loss over consecutive batches of the pairs (eval mode, no gradients)."""
+    import open_clip
+
+    loss_fn, losses, training = open_clip.ClipLoss(), [], clip.training
+    clip.eval()
+    with torch.no_grad():
+        for i in range(0, len(pixels), batch):
+            image, text, scale = clip(pixels[i:i + batch], tokens[i:i + batch])[:3]
+            losses.append(loss_fn(image, text, scale).item() * len(image))
+    clip.train(training)
+    return sum(losses) / len(pixels)
+
+
+def pretrain_clip(clip, pixels: torch.Tensor, tokens: torch.Tensor, *, steps: int, seed: int,
+                  batch: int = CLIP_BATCH, lr: float = CLIP_LR) -> None:
+    """Train both towers with open_clip's contrastive loss on the image-caption pairs: AdamW, linear warmup
+    then cosine, shuffled batches drawn from a generator seeded by `seed`. Captions name the colour and the
+    shape, so the image features must come to tell both apart."""
+    import open_clip
+
+    loss_fn, generator = open_clip.ClipLoss(), torch.Generator().manual_seed(seed)
+    decay = [p for n, p in clip.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    rest = [p for n, p in clip.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                                  lr=lr, betas=(0.9, 0.98), eps=1e-6)
+    batch = min(batch, len(pixels))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is fastest on a shared CPU, and the same on any machine
+    clip.train()
+    try:
+        train_clip_steps(clip, optimizer, loss_fn, generator, pixels, tokens, steps=steps, batch=batch, lr=lr)
+    finally:
+        torch.set_num_threads(threads)
+    clip.eval()
+
+
+def train_clip_steps(clip, optimizer, loss_fn, generator, pixels, tokens, *, steps: int, batch: int, lr: float):
+    order = torch.empty(0, dtype=torch.long)
+    for step in range(steps):
+        if len(order) < batch:
+            order = torch.cat([order, torch.randperm(len(pixels), generator=generator)])
+        index, order = order[:batch], order[batch:]
+        warm = min(CLIP_WARMUP, max(1, steps // 10))
+        factor = (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr * factor
+        image, text, scale = clip(pixels[index], tokens[index])[:3]
+        loss = loss_fn(image, text, scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            clip.logit_scale.clamp_(0, math.log(100))
 
 
 def random_base(config: Config, seed: int) -> dict[str, torch.Tensor]:
@@ -139,18 +256,22 @@ def texts_for_tokenizer(records: list[dict]) -> list[str]:
     return texts * 20
 
 
-def generate(folder: Path, *, seed: int = 0, images: int = 2000, heldout: int = 100) -> Path:
-    """Write the demo's base, data and held-out set into `folder` (new; deterministic in the arguments)."""
+def generate(folder: Path, *, seed: int = 0, images: int = 2000, heldout: int = 100,
+             clip_steps: int = CLIP_STEPS) -> Path:
+    """Write the demo's base, data and held-out set into `folder` (new; deterministic in the arguments);
+    `clip_steps` contrastive steps pretrain the tiny CLIP (0: it stays random)."""
     if images < 1 or heldout < 1:
         raise Lav2Error(f"the demo needs at least one training and one held-out image (got {images}, {heldout})")
+    if clip_steps < 0:
+        raise Lav2Error(f"clip_steps must be 0 or more (got {clip_steps})")
     with checkpoint.atomic_folder(Path(folder)) as tmp:
-        write_demo(tmp, seed=seed, images=images, heldout=heldout)
+        write_demo(tmp, seed=seed, images=images, heldout=heldout, clip_steps=clip_steps)
     return Path(folder)
 
 
-def write_demo(folder: Path, *, seed: int, images: int, heldout: int) -> None:
-    train = draw_set(folder / "data" / "images", images, seed, IMAGE_SIZE)
-    held = draw_set(folder / "heldout", heldout, seed * 1000 + HELDOUT_SEED, IMAGE_SIZE)
+def write_demo(folder: Path, *, seed: int, images: int, heldout: int, clip_steps: int) -> None:
+    train, _ = draw_set(folder / "data" / "images", images, seed, IMAGE_SIZE)
+    held, held_images = draw_set(folder / "heldout", heldout, seed * 1000 + HELDOUT_SEED, IMAGE_SIZE)
     write_jsonl(folder / "heldout" / "eval.jsonl",
                 [{"image": r["image"], "question": question, "answers": [answer] * 10, "answer_type": kind}
                  for r in held for (question, answer), kind in zip(answers(r["colour"], r["shape"]).items(),
@@ -169,11 +290,18 @@ def write_demo(folder: Path, *, seed: int, images: int, heldout: int) -> None:
     import open_clip
 
     torch.manual_seed(seed)
-    clip = open_clip.CLIP(**clip_config(CLIP)).visual
+    clip = open_clip.CLIP(**clip_config(CLIP))
+    # no more pairs than the steps can see (a short test run draws few)
+    pixels, tokens = clip_pairs(clip, seed=seed, count=min(CLIP_IMAGES, max(1, clip_steps) * CLIP_BATCH))
+    before = clip_loss(clip, pixels, tokens)
+    pretrain_clip(clip, pixels, tokens, steps=clip_steps, seed=seed)
+    demo_source = {"seed": seed, "clip_steps": clip_steps, "clip_pairs": len(pixels),
+                   "clip_loss": {"before": before, "after": clip_loss(clip, pixels, tokens)},
+                   "clip_zero_shot_heldout": zero_shot(clip, held_images, held)}
     checkpoint.write_folder(folder / "base", config=config, layout="llama", tokenizer=tokenizer.path,
                             base_weights=random_base(config, seed),
                             clip_spec={"config": clip_config(CLIP), "weights": checkpoint.CLIP_FILE},
-                            clip_weights=clip.state_dict(), source={"demo": {"seed": seed}})
+                            clip_weights=clip.visual.state_dict(), source={"demo": demo_source})
     tokenizer.path.unlink()
 
 

@@ -88,6 +88,12 @@ def test_memory_7b_measures_real_steps_of_the_recipe():
     assert len(result["step_s"]) == 1 and result["peak_memory_bytes"] > 0 and result["planner_estimate_gib"] > 0
 
 
+def test_import_runs_lav2_download_on_a_hugging_face_folder_and_reports_its_peak():
+    result = bench("import", "--config", "tiny")
+    assert result["import_s"] > 0 and result["peak_memory_bytes"] > 0
+    assert result["written_bytes"] > result["source_bytes"] > 0  # the base, and the CLIP's vision tower
+
+
 def test_the_gpu_script_runs_at_tiny_size_on_the_cpu():
     result = bench("--threads", "1", "gpu", "--config", "tiny", "--device", "cpu", "--steps", "1",
                    "--new-tokens", "3")

@@ -70,6 +70,25 @@ def test_hf_import_through_cli_matches_transformers(hf_folder, tmp_path):
     assert (got - expected).abs().max() <= 1e-5
 
 
+def test_streamed_import_in_shards_writes_the_same_tensors_bit_for_bit(hf_folder, tmp_path, monkeypatch):
+    """One file or many small shards, each written and dropped before the next is read: the same weights."""
+    from safetensors.torch import load_file
+
+    folder, _ = hf_folder
+    whole = checkpoint.import_model(folder, tmp_path / "whole")
+    monkeypatch.setattr(checkpoint, "SHARD_BYTES", 40_000)
+    sharded = checkpoint.import_model(folder, tmp_path / "sharded")
+    files = sorted(sharded.glob("model-*.safetensors"))
+    assert len(files) > 3 and all(f.stat().st_size < 40_000 + 70_000 for f in files)
+    assert json.loads((sharded / checkpoint.CONFIG_FILE).read_text())["weights"] == [f.name for f in files]
+    one = load_file(whole / checkpoint.WEIGHTS_FILE)
+    many = {k: v for f in files for k, v in load_file(f).items()}
+    assert one.keys() == many.keys()
+    assert all(one[k].dtype == many[k].dtype and torch.equal(one[k], many[k]) for k in one)
+    with torch.no_grad():
+        assert torch.equal(lav2.load(whole, device="cpu").model(TOKENS), lav2.load(sharded, device="cpu").model(TOKENS))
+
+
 def test_hf_pytorch_bin_import(hf_folder, tmp_path):
     folder, reference = hf_folder
     bin_folder = tmp_path / "bin"

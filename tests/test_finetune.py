@@ -404,7 +404,7 @@ def test_demo_recipe_runs_end_to_end(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "recipes").mkdir()
     (tmp_path / "recipes" / "shapes.yaml").write_text((ROOT / "recipes" / "shapes.yaml").read_text())
-    made = CliRunner().invoke(main, ["demo", "runs/demo", "--images", "24", "--heldout", "6"])
+    made = CliRunner().invoke(main, ["demo", "runs/demo", "--images", "24", "--heldout", "6", "--clip-steps", "5"])
     assert made.exit_code == 0, made.output
     records = [json.loads(line) for line in (tmp_path / "runs/demo/heldout/eval.jsonl").read_text().splitlines()]
     assert len(records) == 12 and (tmp_path / "runs/demo/heldout" / records[0]["image"]).is_file()

@@ -92,6 +92,19 @@ def test_shipped_recipes_load_and_name_their_missing_data_with_urls(name):
     assert "\n" not in message and "alpaca_data.json" in message and "https://" in message
 
 
+@pytest.mark.parametrize("name", ["alpaca_coco.yaml", "alpaca.yaml"])
+def test_shipped_7b_recipes_fit_a_24_gb_gpu_as_shipped(name):
+    from lav2 import memory
+    from lav2.checkpoint import DEFAULT_CLIP, DTYPES, clip_params
+    from lav2.model import Config
+
+    t = load_recipe(ROOT / "recipes" / name).train
+    need = memory.training_bytes(Config.from_name("paper-7b"), dtype=DTYPES[t.precision], load_in_8bit=t.load_in_8bit,
+                                 checkpointing=t.gradient_checkpointing, micro_batch=t.micro_batch_size,
+                                 seq_len=t.max_seq_len, clip_params=clip_params(DEFAULT_CLIP))
+    assert t.load_in_8bit and t.gradient_checkpointing and need < 22 * 2**30  # 24 GB, less what the driver keeps
+
+
 def test_the_joint_recipe_mixes_alpaca_and_coco():
     recipe = load_recipe(ROOT / "recipes" / "alpaca_coco.yaml")
     assert [s.format for s in recipe.data.instruction] == ["alpaca"]

@@ -123,6 +123,29 @@ def test_int8_swap_keeps_one_owner_of_each_extra_and_stays_close():
         fold_adapters_(model)
 
 
+def test_compiled_int8_row_is_the_exact_dequantized_product_and_decodes_like_eager_int8():
+    from lav2.fastpath import FUSED_MAX_IN, int8_matmul, quantize_rows
+
+    torch.manual_seed(0)
+    weight, scales = quantize_rows(torch.randn(96, 64))
+    x = torch.randn(1, 1, 64)
+    compiled = torch.compile(lambda x: int8_matmul(x, weight, scales), fullgraph=True)(x)
+    exact = x.double() @ (weight.double() * scales.double()[:, None]).t()  # no bfloat16 rounding of x
+    assert compiled.shape == (1, 1, 96) and 64 <= FUSED_MAX_IN
+    torch.testing.assert_close(compiled.double(), exact, rtol=0, atol=1e-5)
+    assert (int8_matmul(x, weight, scales).double() - exact).abs().max() > 1e-4  # the eager kernel's bfloat16
+
+    # a whole model: compiled int8 decoding gives the eager int8 model's greedy tokens
+    model = quantize_int8_(random_llama(Config.from_name("tiny-paper"), seed=9).eval())
+    model.visual.clip = tiny_clip()
+    tokens, images = torch.randint(0, 300, (1, 12)), torch.randn(1, 3, 32, 32)
+    eager = cached_decode(model, tokens, images)
+    step = compiled_step(model)
+    fused = cached_decode(model, tokens, images, step=lambda t, start_pos: compiled_logits(step, model, t, start_pos))
+    assert torch.equal(fused[0, 4:].argmax(-1), eager[0, 4:].argmax(-1))
+    assert (fused - eager).abs().max() < 0.02 * eager.abs().max()
+
+
 def test_int8_kernel_takes_inputs_that_are_not_64_byte_aligned():
     # tensors read from a safetensors file live at the file's offsets: torch's int8 kernel crashed on them
     from lav2.fastpath import int8_matmul, quantize_rows

@@ -2,7 +2,7 @@
 
     python -m lav2.bench decode --config mid --dtype float32 [--image] [--compile]
     python -m lav2.bench train --config small [--checkpointing] [--8bit]
-    python -m lav2.bench memory-7b | chat --config 7b [--quantize int8] | gpu | eval | serve
+    python -m lav2.bench memory-7b | chat --config 7b [--quantize int8] | import | gpu | eval | serve
 
 Models get random weights: speed and memory do not depend on the values. Every model has the paper's layout
 (bias and scale on all seven linears, gated prompts in the top layers, the visual prompt in the first layer),
@@ -34,7 +34,8 @@ memory-7b: the 7B recipe (seq 512, micro-batch 4, 8-bit base, gradient checkpoin
 7B paper-layout folder written shard by shard, loaded as finetune loads it, a few timed steps; peak memory is the
 process's peak resident memory on the CPU (VmHWM) or torch.cuda.max_memory_allocated, with the memory planner's
 estimate beside it. chat: load and decode as `lav2 chat` does at real width (bfloat16, or int8 quantized as it is
-read). gpu: memory-7b and both chats in one run, for a CUDA machine (it runs on the CPU too, slowly).
+read). gpu: memory-7b and both chats in one run, for a CUDA machine (it runs on the CPU too, slowly). import:
+`lav2 download` of a random Hugging Face-format folder, its time and its own peak resident memory.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ A CLIP spec is {"name": "ViT-L-14", "pretrained": "openai"} (resolved by open_cl
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import pickle
@@ -467,11 +468,11 @@ def atomic_folder(out: Path) -> Iterator[Path]:
     killed writer's leftovers from a live one's), renamed to `out` only when everything is written."""
     out = Path(out)
     if out.exists():
-        raise Lav2Error(f"{out} already exists; choose another --out or remove it first")
+        raise Lav2Error(f"{out} already exists; choose another output folder or remove it first")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise Lav2Error(f"cannot create the folder {out.parent} ({write_reason(e)}); choose another --out") from None
+        raise Lav2Error(f"cannot create the folder {out.parent} ({write_reason(e)}); choose another output folder") from None
     remove_stale_partials(out.parent, f".{out.name}.partial-*")
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
@@ -483,7 +484,7 @@ def atomic_folder(out: Path) -> Iterator[Path]:
     except (OSError, WriteError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if out.exists():  # another process made it meanwhile
-            raise Lav2Error(f"{out} already exists (made by another process meanwhile); choose another --out or "
+            raise Lav2Error(f"{out} already exists (made by another process meanwhile); choose another output folder or "
                             f"remove it first") from None
         if isinstance(e, WriteError):  # named where the user looks: `out`, not the removed partial folder
             raise WriteError(out / e.path.name, e.reason) from None
@@ -510,6 +511,18 @@ def save_tensors(state: dict[str, torch.Tensor], path: Path) -> None:
     try:
         save_file({k: v.detach().contiguous() for k, v in state.items()}, path)
     except (SafetensorError, OSError) as e:
+        Path(path).unlink(missing_ok=True)
+        raise WriteError(Path(path), write_reason(e)) from None
+
+
+def save_torch(obj, path: Path) -> None:
+    """torch.save (for optimizer states) through memory, then one plain write: a full disk is then a WriteError
+    with the OS's reason, and no partial file (torch's own file writer raises a RuntimeError without one)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    try:
+        Path(path).write_bytes(buffer.getbuffer())
+    except OSError as e:
         Path(path).unlink(missing_ok=True)
         raise WriteError(Path(path), write_reason(e)) from None
 

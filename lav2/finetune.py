@@ -416,9 +416,9 @@ class Trainer:
                                 clip_spec=clip_spec, prompt_style=self.recipe.prompt_style,
                                 source=dict(recipe=str(self.recipe.path), step=self.step))
         for group, optimizer in self.optimizers.items():
-            torch.save(optimizer.state_dict(), folder / f"optimizer-{group}.pt")
+            checkpoint.save_torch(optimizer.state_dict(), folder / f"optimizer-{group}.pt")
         if self.scaler:
-            torch.save(self.scaler.state_dict(), folder / "scaler.pt")
+            checkpoint.save_torch(self.scaler.state_dict(), folder / "scaler.pt")
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng.update({f"cuda{i}": t for i, t in enumerate(torch.cuda.get_rng_state_all())})

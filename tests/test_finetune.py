@@ -458,6 +458,26 @@ def test_a_safetensors_full_disk_at_a_checkpoint_is_one_line(tmp_path, visual_ba
     assert sorted(p.name for p in state.iterdir()) == ["latest", "step-0000000"]  # no .partial left
 
 
+def test_a_full_disk_while_the_optimizer_state_is_written_is_one_line(tmp_path, visual_base, monkeypatch):
+    recipe = write_recipe(tmp_path, visual_base, steps=4, checkpoint_every=2)
+    real, calls = Path.write_bytes, []
+
+    def full_disk(path, data):
+        if path.name.startswith("optimizer-"):
+            calls.append(path)
+            if len(calls) > 2:  # step 0's two groups are written; step 2's are not
+                path.write_text("half")  # as a full disk leaves a file
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk)
+    one_line(CliRunner().invoke(main, ["finetune", str(recipe)]), "step 2 checkpoint", "(No space left on device)",
+             "step-0000000", "--resume")
+    state = tmp_path / "run" / "state"
+    assert sorted(p.name for p in state.iterdir()) == ["latest", "step-0000000"]  # no .partial left
+    assert calls and all(not p.exists() for p in calls[2:])
+
+
 def test_resume_removes_the_partial_checkpoint_of_a_killed_run(tmp_path, visual_base):
     recipe = write_recipe(tmp_path, visual_base, steps=2)
     out = finetune.run(recipe)

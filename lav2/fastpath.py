@@ -5,7 +5,8 @@ This module swaps those, as gpt-fast's quantize.py swaps linears, so that the me
 
 - `store_for_decoding_`: CPU float32 matrices stored (in, out)-contiguous on 2 MiB pages, the order and page size
   in which a matrix-vector product (a decode step) streams them fastest; values and state dict keys unchanged;
-- `quantize_int8_`: weight-only int8 with a scale per row (CPU decoding: a quarter of the bytes to stream);
+- `quantize_int8_`: weight-only int8 with a scale per row (CPU decoding: a quarter of the bytes to stream; a
+  compiled decode step multiplies by it in a fused loop, `fused_int8_row`);
 - `quantize_8bit_`: bitsandbytes LLM.int8 (the 8-bit base of training, and int8 chat on CUDA);
 - `prefill_dtype`: the dtype a prompt's prefill runs faster in (bfloat16 autocast on CPUs with bfloat16 matmuls);
 - `compiled_decode_step`: torch.compile of one decode step, attending with a single-query kernel that inductor
@@ -145,8 +146,9 @@ FUSED_MAX_IN = 4096
 
 def fused_int8_row(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (1, in) against W_int8 (out, in): a product and a sum over `in` that inductor compiles into one loop
-    reading each int8 row once, in float32 (on a 2048-wide input 1.5-1.8x faster than torch's int8 kernel,
-    whose bfloat16 activations also round more). Eagerly it would build the float W: compiled use only."""
+    reading each int8 row once, in float32 (faster than torch's int8 kernel up to FUSED_MAX_IN inputs, and
+    without its rounding of the activations to bfloat16: docs/performance.md). Eagerly it would build the
+    float W: compiled use only."""
     return (x[:, None, :].float() * weight[None].float()).sum(-1) * scales.float()
 
 

@@ -16,7 +16,8 @@ turn token by token with the adapter model, so that other processes on a shared 
 and the bandwidth bound: the bytes a decode step reads divided by the rate a large matrix-vector product streams
 weights at, measured between the same decode steps (BandwidthProbe, medians against medians); `read_ratio`
 compares with a plain read of memory instead. --dtype int8 compares with float32 on the same tokens: greedy
-agreement (the int8 model is fed the float32 model's greedy tokens) and the logit error. Where the prefill runs in
+agreement (the int8 model is fed the float32 model's greedy tokens) and the logit error; compiled, also against
+the same int8 model with torch's int8 kernel in every product (`torch_int8_kernel`). Where the prefill runs in
 bfloat16 (fastpath.prefill_dtype), `prefill` compares it with a float32 prefill of the same prompt in the same way,
 with both times to first token. --compile steps every model
 through generate.compiled_step, as `lav2 chat --compile` does; it compiles during the warm-up, on a KV
@@ -58,7 +59,7 @@ import torch.nn as nn
 
 from lav2 import checkpoint, memory
 from lav2.checkpoint import DTYPES
-from lav2.fastpath import decode_storage, prefill_dtype, quantize_int8_, store_for_decoding_
+from lav2.fastpath import Int8Head, Int8Linear, decode_storage, prefill_dtype, quantize_int8_, store_for_decoding_
 from lav2.data import IGNORE_INDEX, Batches, Example, Mixture, PreparedData
 from lav2.finetune import LiveBytes, Trainer, loss_sum, supervised_tokens
 from lav2.generate import compiled_step, decode_one_token, prefill, sample
@@ -330,6 +331,11 @@ def bench_decode(*, config_name: str, dtype: str, image: bool, compile: bool, pr
     variants = {"adapter": model}
     if int8:
         variants = {"float32": model, "adapter": quantize_int8_(copy.deepcopy(model))}
+        if compile and compare:  # the same int8 model with torch's int8 kernel in every product
+            variants["torch_int8_kernel"] = quantize_int8_(copy.deepcopy(model))
+            for module in variants["torch_int8_kernel"].modules():
+                if isinstance(module, (Int8Linear, Int8Head)):
+                    module.fused_rows = False
     elif compare:
         variants["base"] = plain_llama(model)
         variants["merged"] = copy.deepcopy(model)
@@ -344,7 +350,7 @@ def bench_decode(*, config_name: str, dtype: str, image: bool, compile: bool, pr
     for _ in range(rounds):
         turn: dict[str, Decoder] = {}
         for name, m in variants.items():  # int8 is fed float32's tokens as they come (float32 steps first)
-            forced = turn["float32"].tokens if int8 and name == "adapter" else None
+            forced = turn["float32"].tokens if int8 and name != "float32" else None
             turn[name] = Decoder(m, prompt, new_tokens=new_tokens, images=images, step=steps[name], keep_logits=int8,
                                  forced=forced)
         decode_in_turn(list(turn.values()), new_tokens, probe)
@@ -357,6 +363,9 @@ def bench_decode(*, config_name: str, dtype: str, image: bool, compile: bool, pr
     if int8:
         result.update(logit_agreement(decoders["float32"][0], decoders["adapter"][0]))
         result["speedup_vs_float32"] = per_token_ms["float32"] / per_token_ms["adapter"]
+    if "torch_int8_kernel" in variants:
+        result["torch_int8_kernel"] = {**logit_agreement(decoders["float32"][0], decoders["torch_int8_kernel"][0]),
+                                       "fused_row_speedup": per_token_ms["torch_int8_kernel"] / per_token_ms["adapter"]}
     if prefill_dtype(variants["adapter"]) is not None:
         fast_ttft = min(d.first_token_s for d in decoders["adapter"])
         result["prefill"] = compare_prefill(variants["adapter"], prompt, fast_ttft, images=images,

@@ -152,8 +152,8 @@ def fused_int8_row(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) 
     return (x[:, None, :].float() * weight[None].float()).sum(-1) * scales.float()
 
 
-def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    if torch.compiler.is_compiling() and x.numel() == x.shape[-1] and weight.shape[1] <= FUSED_MAX_IN:
+def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    if fused and torch.compiler.is_compiling() and x.numel() == x.shape[-1] and weight.shape[1] <= FUSED_MAX_IN:
         return fused_int8_row(x.reshape(1, -1), weight, scales).reshape(*x.shape[:-1], -1).to(x.dtype)
     # In bfloat16: torch's x86 kernel is vectorised for bfloat16 activations only; with float32 ones it runs a
     # scalar loop, several times slower than the float32 matmul it replaces.
@@ -164,6 +164,8 @@ def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
 class Int8Linear(QuantizedLinear):
     """Weight-only int8 W (inference): reads a quarter of float32's bytes for the same product."""
 
+    fused_rows = True  # compiled decode rows through fused_int8_row (a benchmark turns it off to compare)
+
     def __init__(self, linear: AdapterLinear):
         super().__init__(linear)
         weight, scales = quantize_rows(linear.weight.data)
@@ -171,11 +173,13 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("scales", scales)
 
     def frozen(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_matmul(x, self.weight_int8, self.scales)
+        return int8_matmul(x, self.weight_int8, self.scales, self.fused_rows)
 
 
 class Int8Head(nn.Module):
     """The output head in weight-only int8."""
+
+    fused_rows = Int8Linear.fused_rows
 
     def __init__(self, head: nn.Linear):
         super().__init__()
@@ -184,7 +188,7 @@ class Int8Head(nn.Module):
         self.register_buffer("scales", scales)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_matmul(x, self.weight_int8, self.scales)
+        return int8_matmul(x, self.weight_int8, self.scales, self.fused_rows)
 
 
 def quantize_int8_(model: LLaMAAdapter) -> LLaMAAdapter:

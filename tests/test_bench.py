@@ -59,6 +59,14 @@ def test_decode_int8_with_image_compares_with_float32():
     assert 0 <= result["greedy_agreement"] <= 1
 
 
+def test_compiled_int8_decode_also_times_torchs_int8_kernel_on_the_same_tokens():
+    result = bench("--threads", "1", "decode", "--config", "tiny", "--dtype", "int8", "--compile", "--new-tokens", "4",
+                   "--prompt-tokens", "8", "--rounds", "1", "--bandwidth-mib", "16")
+    assert set(result["per_token_ms"]) == {"float32", "adapter", "torch_int8_kernel"}
+    other = result["torch_int8_kernel"]
+    assert other["fused_row_speedup"] > 0 and 0 <= other["greedy_agreement"] <= 1 and other["max_logit_error"] > 0
+
+
 def test_train_reports_phases_and_peak_memory_in_a_table_or_json():
     flags = ["train", "--config", "tiny", "--seq-len", "16", "--batch-size", "2", "--steps", "1", "--checkpointing",
              "--8bit"]

@@ -270,7 +270,8 @@ def decode_bytes(model: LLaMAAdapter, context: int, *, image: bool) -> dict[str,
     skip = ("tok_embeddings.", "visual.", "adapter_query", "freqs_cis")
     named = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()]
              if not n.startswith(skip) and ".kv_cache." not in n]
-    weights = sum(t.nbytes for n, t in named if (n.endswith(".weight") and t.ndim == 2) or n.endswith(".scales"))
+    weights = sum(t.nbytes for n, t in named
+                  if (n.endswith((".weight", ".weight_int8")) and t.ndim == 2) or n.endswith(".scales"))
     extras = sum(t.nbytes for n, t in named) - weights  # biases, bias-tuning scales, norms, gates
     c = model.config
     elem = model.tok_embeddings.weight.element_size()

@@ -79,7 +79,7 @@ def finetune(recipe, overrides, out, resume):
               help="Contrastive pretraining steps of the tiny CLIP (default: lav2.demo.CLIP_STEPS; 0: random).")
 def demo(folder, seed, images, heldout, clip_steps):
     """Generate the offline demo's base model and data into FOLDER (default runs/demo): what
-    recipes/shapes.yaml trains on, made locally in seconds."""
+    recipes/shapes.yaml trains on, made locally in a minute or two (most of it pretraining the tiny CLIP)."""
     from lav2 import demo as demo_data
 
     steps = demo_data.CLIP_STEPS if clip_steps is None else clip_steps

@@ -19,6 +19,7 @@ A CLIP spec is {"name": "ViT-L-14", "pretrained": "openai"} (resolved by open_cl
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -350,21 +351,31 @@ def base_state_names(model: LLaMAAdapter) -> set[str]:
 # --- CLIP ---------------------------------------------------------------------------------------------------
 
 
-def read_clip_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def inspect_clip_folder(folder: Path) -> tuple[dict, Path, dict[str, torch.Tensor]]:
     """A folder with open_clip_config.json (the kwargs of open_clip.CLIP, or the hub's {"model_cfg": ...}) and
-    open_clip_model.safetensors; returns the model config and the vision tower's weights (the text tower,
-    which lav2 never uses, is not read)."""
+    open_clip_model.safetensors: the model config, the weights file, and the vision tower's tensors as meta
+    tensors (their shapes; the text tower, which lav2 never uses, is never read)."""
     cfg_file, weights_file = folder / "open_clip_config.json", folder / "open_clip_model.safetensors"
     for f in (cfg_file, weights_file):
         if not f.is_file():
             raise Lav2Error(f"{folder}: no {f.name}; a CLIP folder holds open_clip_config.json and "
                             f"open_clip_model.safetensors")
     cfg = read_json(cfg_file)
-    cfg = cfg.get("model_cfg", cfg)
-    names = {k for k in tensor_shapes([weights_file]) if k.startswith("visual.")}
-    if not names:
+    visual = {k: v for k, v in tensor_shapes([weights_file]).items() if k.startswith("visual.")}
+    if not visual:
         raise Lav2Error(f"{weights_file}: holds no visual.* weights (not an open_clip CLIP)")
-    return cfg, {k[len("visual."):]: v for k, v in read_tensors([weights_file], only=names)}
+    return cfg.get("model_cfg", cfg), weights_file, visual
+
+
+def read_clip_visual(weights_file: Path, names: set[str]) -> dict[str, torch.Tensor]:
+    """The vision tower's tensors `names` ("visual.*") of an open_clip weights file, under the tower's own names."""
+    return {k[len("visual."):]: v for k, v in read_tensors([weights_file], only=names)}
+
+
+def read_clip_folder(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """A CLIP folder's config and its vision tower's weights (see inspect_clip_folder)."""
+    cfg, weights_file, visual = inspect_clip_folder(folder)
+    return cfg, read_clip_visual(weights_file, set(visual))
 
 
 def build_clip_visual(clip_config: dict) -> nn.Module:
@@ -532,7 +543,11 @@ def write_folder(out: Path, *, config: Config, layout: str, tokenizer: Path, bas
                  source: Optional[dict] = None) -> None:
     """Write the files of a model folder into `out` (an existing, empty folder: see atomic_folder).
     base_weights: one state dict (model.safetensors), or an iterable of shards, each written and dropped before
-    the next is made (model-00001.safetensors, ...), so that a 7B base never has to be in memory whole."""
+    the next is made (model-00001.safetensors, ...), so that a 7B base never has to be in memory whole.
+    clip_weights: a state dict, or a function that reads one; written first, so that a CLIP read by the function is
+    gone before the first base shard is made."""
+    if clip_weights is not None:
+        save_tensors(clip_weights() if callable(clip_weights) else clip_weights, out / CLIP_FILE)
     weights = None
     if isinstance(base_weights, dict):
         save_tensors(base_weights, out / WEIGHTS_FILE)
@@ -548,8 +563,6 @@ def write_folder(out: Path, *, config: Config, layout: str, tokenizer: Path, bas
             weights = WEIGHTS_FILE
     if adapter:
         save_tensors(adapter, out / ADAPTER_FILE)
-    if clip_weights is not None:
-        save_tensors(clip_weights, out / CLIP_FILE)
     shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
     meta = dict(format="lav2", version=FORMAT_VERSION, layout=layout, config=config.to_dict(),
                 weights=weights, base=base,
@@ -583,18 +596,16 @@ def import_model(src: Path, out: Path, *, adapter: Optional[Path] = None, clip: 
         prompt_style = "alpaca"
         clip_spec = DEFAULT_CLIP
     if clip is not None:
-        clip_config, clip_weights = read_clip_folder(Path(clip))
+        clip_config, clip_file, visual = inspect_clip_folder(Path(clip))
         clip_spec = {"config": clip_config, "weights": CLIP_FILE}
-        if clip_weights["proj"].shape[1] != config.clip_dim:
-            raise Lav2Error(f"{clip}: CLIP output width {clip_weights['proj'].shape[1]} != the adapter's "
+        if visual["visual.proj"].shape[1] != config.clip_dim:
+            raise Lav2Error(f"{clip}: CLIP output width {visual['visual.proj'].shape[1]} != the adapter's "
                             f"clip_dim {config.clip_dim}; use the CLIP the adapter was trained with")
+        clip_weights = functools.partial(read_clip_visual, clip_file, set(visual))  # read when written
     with atomic_folder(out) as tmp:
-        if clip_weights is not None:  # written first and dropped: never in memory beside a base shard
-            save_tensors(clip_weights, tmp / CLIP_FILE)
-            del clip_weights
         base_weights = shards((key, read()) for key, (_, read) in base_state.items())  # read as written
         write_folder(tmp, config=config, layout=layout, tokenizer=source.tokenizer, base_weights=base_weights,
-                     adapter=adapter_state, clip_spec=clip_spec, prompt_style=prompt_style,
+                     adapter=adapter_state, clip_spec=clip_spec, clip_weights=clip_weights, prompt_style=prompt_style,
                      source=dict(base=str(src.resolve()), adapter=str(adapter.resolve()) if adapter else None))
     return out
 
@@ -947,7 +958,7 @@ def merge(run_dir, *, out, dtype: Optional[str] = None) -> Path:
     adapter = small  # what folding leaves (prompts, gates, biases, norms, visual branch), once the base is written
     clip_weights = None
     if clip_spec is not None and "weights" in clip_spec:
-        clip_weights = read_safetensors(clip_folder / clip_spec["weights"])
+        clip_weights = functools.partial(read_safetensors, clip_folder / clip_spec["weights"])  # read when written
         clip_spec = {**clip_spec, "weights": CLIP_FILE}
     with atomic_folder(out) as tmp:
         write_folder(tmp, config=merged, layout=info.get("layout", "llama"), tokenizer=run_dir / TOKENIZER_FILE,

@@ -81,8 +81,6 @@ def read_safetensors(path: Path, device="cpu") -> dict[str, torch.Tensor]:
                         f"again") from None
 
 
-
-
 # --- key maps: Meta, Hugging Face and official adapter checkpoints to lav2 names -----------------------
 
 
@@ -420,12 +418,18 @@ def load_clip(spec: dict, folder: Path, device) -> tuple[torch.nn.Module, Callab
         check_state(weights, visual.state_dict(), f"{folder / spec['weights']}")
         visual.load_state_dict(weights, assign=True)
         visual = visual.to(device)
-        size = visual.image_size
-        transform = open_clip.image_transform(size if isinstance(size, int) else size[0], is_train=False,
-                                              mean=getattr(visual, "image_mean", None),
-                                              std=getattr(visual, "image_std", None))
+        transform = clip_transform(visual)
     visual.requires_grad_(False).eval()
     return visual, transform
+
+
+def clip_transform(visual: nn.Module) -> Callable:
+    """open_clip's eval transform (PIL image -> tensor) for a vision tower built from a config."""
+    import open_clip
+
+    size = visual.image_size
+    return open_clip.image_transform(size if isinstance(size, int) else size[0], is_train=False,
+                                     mean=getattr(visual, "image_mean", None), std=getattr(visual, "image_std", None))
 
 
 # --- model folders -----------------------------------------------------------------------------------------
@@ -549,12 +553,9 @@ def write_folder(out: Path, *, config: Config, layout: str, tokenizer: Path, bas
     if clip_weights is not None:
         save_tensors(clip_weights() if callable(clip_weights) else clip_weights, out / CLIP_FILE)
     weights = None
-    if isinstance(base_weights, dict):
-        save_tensors(base_weights, out / WEIGHTS_FILE)
-        weights = WEIGHTS_FILE
-    elif base_weights is not None:
+    if base_weights is not None:
         weights = []
-        for i, shard in enumerate(base_weights, 1):
+        for i, shard in enumerate([base_weights] if isinstance(base_weights, dict) else base_weights, 1):
             weights.append(f"model-{i:05d}.safetensors")
             save_tensors(shard, out / weights[-1])
             del shard
@@ -677,8 +678,7 @@ def read_folder_info(folder: Path) -> dict:
     except (TypeError, ValueError) as e:
         raise bad(f"bad model config ({e})") from None
     for key in ("weights", "adapter"):
-        names = info.get(key) or []
-        names = [names] if isinstance(names, str) else names
+        names = named_files(info, key)
         if not all(isinstance(name, str) for name in names):
             raise bad(f"the field {key!r} must name files, not {info[key]!r}")
         for name in names:
@@ -701,6 +701,12 @@ def json_fits(annotation: str, value) -> bool:
     return isinstance(value, {"int": int, "str": str}[annotation]) and not isinstance(value, bool)
 
 
+def named_files(info: dict, key: str) -> list:
+    """The file names a lav2.json field holds ("weights": one name or a list of shards; "adapter": one name)."""
+    names = info.get(key) or []
+    return [names] if isinstance(names, str) else names
+
+
 def base_folder(folder: Path, info: dict) -> Optional[Path]:
     return None if not info.get("base") else (folder / info["base"]).resolve()
 
@@ -717,10 +723,7 @@ def weight_files(folder: Path, info: dict) -> tuple[list[Path], Optional[dict], 
         files, parent_clip, parent_clip_folder = weight_files(parent, read_folder_info(parent))
         if clip_spec is None:
             clip_spec, clip_folder = parent_clip, parent_clip_folder
-    weights = info.get("weights") or []
-    files += [folder / name for name in ([weights] if isinstance(weights, str) else weights)]
-    if info.get("adapter"):
-        files.append(folder / info["adapter"])
+    files += [folder / name for key in ("weights", "adapter") for name in named_files(info, key)]
     return files, clip_spec, clip_folder
 
 
@@ -766,8 +769,6 @@ def read_tensors(files: list[Path], device="cpu", only: Optional[set[str]] = Non
         except (SafetensorError, OSError) as e:
             raise Lav2Error(f"{path}: cannot read as safetensors ({e}); the file may be truncated: download it "
                             f"again") from None
-
-
 
 
 def effective_clip(folder: Path, info: dict) -> Optional[dict]:

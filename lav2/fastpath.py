@@ -145,19 +145,15 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 FUSED_MAX_IN = 4096
 
 
-def fused_rows_win(weight: torch.Tensor) -> bool:
-    return weight.shape[1] <= FUSED_MAX_IN
-
-
 def fused_int8_row(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (1, in) against W_int8 (out, in): a product and a sum over `in` that inductor compiles into one loop
-    reading each int8 row once, in float32 (faster than torch's int8 kernel where fused_rows_win, and without
+    reading each int8 row once, in float32 (faster than torch's int8 kernel up to FUSED_MAX_IN, and without
     its rounding of the activations to bfloat16). Eagerly it would build the float W: compiled use only."""
     return (x[:, None, :].float() * weight[None].float()).sum(-1) * scales.float()
 
 
 def int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, fused: bool = True) -> torch.Tensor:
-    if fused and torch.compiler.is_compiling() and x.numel() == x.shape[-1] and fused_rows_win(weight):
+    if fused and torch.compiler.is_compiling() and x.numel() == x.shape[-1] and weight.shape[1] <= FUSED_MAX_IN:
         return fused_int8_row(x.reshape(1, -1), weight, scales).reshape(*x.shape[:-1], -1).to(x.dtype)
     # In bfloat16: torch's x86 kernel is vectorised for bfloat16 activations only; with float32 ones it runs a
     # scalar loop, several times slower than the float32 matmul it replaces.

@@ -200,7 +200,7 @@ class Decoder:
         self.start = len(prompt)
         sync(self.device)
         start = time.perf_counter()
-        logits = prefill(model, prompt[None], 0, images, dtype=prefill_dtype(model) if fast_prefill else None)[0]
+        logits = prefill(model, prompt[None], 0, images, fast=fast_prefill)[0]
         self.token = sample(logits, temperature=0)
         self.tokens = [int(self.token)]  # the host sync that generate() makes for every token
         self.first_token_s = time.perf_counter() - start

@@ -86,11 +86,12 @@ def sample(logits: torch.Tensor, *, temperature: float, top_p: float = 1.0, top_
 @torch.no_grad()
 def prefill(model: "LLaMAAdapter", tokens: torch.Tensor, start_pos: int, images: Optional[torch.Tensor] = None, *,
             image_mask: Optional[torch.Tensor] = None, pad: Optional[torch.Tensor] = None,
-            dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+            fast: bool = True) -> torch.Tensor:
     """Run tokens (B, T) at positions start_pos ... into the cache; logits (B, V) of the last one. Images go
     only with the forward that starts at position 0, which also caches the prompts' keys/values. The output head
-    runs for the last position only. dtype: compute under autocast to it (fastpath.prefill_dtype); the cache keeps
-    its own dtype for the decode steps."""
+    runs for the last position only. fast: compute under autocast to fastpath.prefill_dtype(model), where there is
+    one; the cache keeps its own dtype for the decode steps. False: as the weights are stored."""
+    dtype = fastpath.prefill_dtype(model) if fast else None
     with torch.autocast(tokens.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         hidden = model(tokens, images, image_mask=image_mask, start_pos=start_pos, pad=pad, head=False)
         return model.output(hidden[:, -1]).float()
@@ -145,8 +146,7 @@ def generate(model: "LLaMAAdapter", prompt_tokens: Sequence[int], *, images: Opt
         seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
         seen[torch.tensor(list(prompt_tokens), device=device)] = True
     new = torch.tensor(list(prompt_tokens[start:]), device=device)[None]
-    logits = prefill(model, new, start, images if start == 0 else None,
-                     dtype=fastpath.prefill_dtype(model) if fast_prefill else None)[0]
+    logits = prefill(model, new, start, images if start == 0 else None, fast=fast_prefill)[0]
     cached.extend(prompt_tokens[start:])
     stop = set(stop_ids)
     for pos in range(len(prompt_tokens), len(prompt_tokens) + max_new_tokens):
@@ -355,8 +355,7 @@ def generate_batch(model: "LLaMAAdapter", prompts: Sequence[Sequence[int]], *, s
     seen = torch.zeros(B, vocab_size, dtype=torch.bool, device=device)
     for row, prompt in enumerate(prompts):
         seen[row, torch.tensor(list(prompt), device=device)] = True
-    logits = prefill(model, tokens, 0, images, image_mask=image_mask, pad=pad,
-                     dtype=fastpath.prefill_dtype(model) if fast_prefill else None)  # (B, V)
+    logits = prefill(model, tokens, 0, images, image_mask=image_mask, pad=pad, fast=fast_prefill)  # (B, V)
     stop, done, produced = set(stop_ids), [False] * B, [0] * B
     try:
         for pos in range(longest, longest + max(new)):

@@ -279,11 +279,13 @@ def _mme_questions(txt: Path, subtask: str, image: Path) -> list[Item]:
 # --- multiple choice ---------------------------------------------------------------------------------------
 
 
-def with_instruction(question: str, instruction: str) -> str:
+def with_instruction(question: str, instruction: Optional[str], default: str) -> str:
+    """The question and the line asking how to answer it (None: `default`; "": no line)."""
+    instruction = default if instruction is None else instruction
     return f"{question}\n{instruction}" if instruction else question
 
 
-def read_choice(data: Path, image_root: Path, *, instruction: str = CHOICE_INSTRUCTION) -> list[Item]:
+def read_choice(data: Path, image_root: Path, *, instruction: Optional[str] = None) -> list[Item]:
     """Records {question, options or choices: [...], answer: a letter or a 0-based index, image?, category? or
     subject?, context? or hint?, id?}; the prompt lists the options as "A. ...", one a line, and asks for the
     letter."""
@@ -306,9 +308,9 @@ def read_choice(data: Path, image_root: Path, *, instruction: str = CHOICE_INSTR
                                        f"0-{len(options) - 1}, not {answer!r}")
         image = records.text(place, record, "image", required=False)
         lines = [question, *(f"{letter}. {option}" for letter, option in zip(letters, options))]
-        items.append(Item(_record_id(record, place, "id"), with_instruction("\n".join(lines), instruction),
-                          None if image is None else image_root / image, (index, len(options)),
-                          records.text(place, record, "category", "subject", required=False),
+        prompt = with_instruction("\n".join(lines), instruction, CHOICE_INSTRUCTION)
+        items.append(Item(_record_id(record, place, "id"), prompt, None if image is None else image_root / image,
+                          (index, len(options)), records.text(place, record, "category", "subject", required=False),
                           records.text(place, record, "context", "hint", required=False)))
     return _unique(items, data)
 
@@ -317,7 +319,7 @@ def read_choice(data: Path, image_root: Path, *, instruction: str = CHOICE_INSTR
 
 
 def read_vqa(data: Path, image_root: Path, *, annotations: Optional[Path] = None,
-             instruction: str = VQA_INSTRUCTION) -> list[Item]:
+             instruction: Optional[str] = None) -> list[Item]:
     """A list of {image, question, answers: [...], question_id? or id?, answer_type?} records, or VQAv2's
     questions file (its annotations file found beside it: v2_OpenEnded_mscoco_val2014_questions.json ->
     v2_mscoco_val2014_annotations.json, or given as `annotations`); VQAv2's images are COCO_<subtype>_<id>.jpg
@@ -334,8 +336,8 @@ def read_vqa(data: Path, image_root: Path, *, annotations: Optional[Path] = None
         question = records.text(place, record, "question")
         image = records.text(place, record, "image")
         answers = records.strings(place, record, "answers", inner="answer", empty_ok=True)
-        items.append(Item(_record_id(record, place, "question_id", "id"), with_instruction(question, instruction),
-                          image_root / image, tuple(answers),
+        items.append(Item(_record_id(record, place, "question_id", "id"),
+                          with_instruction(question, instruction, VQA_INSTRUCTION), image_root / image, tuple(answers),
                           records.text(place, record, "answer_type", required=False)))
     return _unique(items, data)
 
@@ -348,7 +350,8 @@ def vqav2_annotations_path(questions: Path) -> Path:
     return questions.with_name(name)
 
 
-def _read_vqav2(data: Path, raw: dict, image_root: Path, annotations: Optional[Path], instruction: str) -> list[Item]:
+def _read_vqav2(data: Path, raw: dict, image_root: Path, annotations: Optional[Path],
+                instruction: Optional[str]) -> list[Item]:
     path = annotations or vqav2_annotations_path(data)
     if annotations is None and not path.is_file():
         raise Lav2Error(f"{short_path(data)} is a VQAv2 questions file but its annotations are not beside it "
@@ -374,8 +377,8 @@ def _read_vqav2(data: Path, raw: dict, image_root: Path, annotations: Optional[P
                                          f"{short_path(path)} annotates")
         answers, answer_type = by_question[record["question_id"]]
         image = image_root / f"COCO_{subtype}_{record['image_id']:012d}.jpg"
-        items.append(Item(str(record["question_id"]), with_instruction(question, instruction), image, tuple(answers),
-                          answer_type if isinstance(answer_type, str) else None))
+        items.append(Item(str(record["question_id"]), with_instruction(question, instruction, VQA_INSTRUCTION), image,
+                          tuple(answers), answer_type if isinstance(answer_type, str) else None))
     return _unique(items, data)
 
 
@@ -436,10 +439,9 @@ def read_items(task: str, data: Path, *, image_root: Optional[Path] = None, spli
     elif task == "mme":
         items = read_mme(data)
     elif task == "choice":
-        items = read_choice(data, root, **({} if instruction is None else {"instruction": instruction}))
+        items = read_choice(data, root, instruction=instruction)
     else:
-        items = read_vqa(data, root, annotations=annotations,
-                         **({} if instruction is None else {"instruction": instruction}))
+        items = read_vqa(data, root, annotations=annotations, instruction=instruction)
     if not items:
         raise Lav2Error(f"{short_path(data)}: no {task} items in it")
     return items

@@ -132,10 +132,10 @@ def clip_config(c: dict) -> dict:
 CLIP_WORDS = ("a", "an", *COLOURS, *SHAPES)
 
 
-def caption_tokens(texts: list[str], text_cfg: dict) -> torch.Tensor:
-    """(N, context_length) token ids of the captions for the CLIP text tower."""
-    end = text_cfg["vocab_size"] - 1
-    ids = torch.zeros(len(texts), text_cfg["context_length"], dtype=torch.long)
+def caption_tokens(texts: list[str]) -> torch.Tensor:
+    """(N, context_length) token ids of the captions for the CLIP text tower (TEXT_CFG)."""
+    end = TEXT_CFG["vocab_size"] - 1
+    ids = torch.zeros(len(texts), TEXT_CFG["context_length"], dtype=torch.long)
     for i, text in enumerate(texts):
         row = [1, *(2 + CLIP_WORDS.index(w) for w in text.lower().rstrip(".").split()), end]
         ids[i, :len(row)] = torch.tensor(row)
@@ -144,12 +144,7 @@ def caption_tokens(texts: list[str], text_cfg: dict) -> torch.Tensor:
 
 def clip_pixels(clip, images: list) -> torch.Tensor:
     """(N, 3, S, S): the images through the eval transform lav2.load gives this tower (checkpoint.load_clip)."""
-    import open_clip
-
-    size = clip.visual.image_size
-    transform = open_clip.image_transform(size if isinstance(size, int) else size[0], is_train=False,
-                                          mean=getattr(clip.visual, "image_mean", None),
-                                          std=getattr(clip.visual, "image_std", None))
+    transform = checkpoint.clip_transform(clip.visual)
     return torch.stack([transform(image) for image in images])
 
 
@@ -157,7 +152,7 @@ def clip_pairs(clip, *, seed: int, count: int) -> tuple[torch.Tensor, torch.Tens
     """`count` pictures drawn in memory for the CLIP's pretraining, with their captions: (pixels, tokens)."""
     rng = random.Random(seed * 1000 + CLIP_SEED)
     drawn = [draw(rng, IMAGE_SIZE) for _ in range(count)]
-    tokens = caption_tokens([caption(colour, shape) for _, colour, shape in drawn], TEXT_CFG)
+    tokens = caption_tokens([caption(colour, shape) for _, colour, shape in drawn])
     return clip_pixels(clip, [image for image, _, _ in drawn]), tokens
 
 
@@ -167,7 +162,7 @@ def zero_shot(clip, images: list, records: list[dict]) -> dict[str, float]:
     pairs = [(colour, shape) for colour in COLOURS for shape in SHAPES]
     training = clip.training
     clip.eval()
-    text = clip.encode_text(caption_tokens([caption(*pair) for pair in pairs], TEXT_CFG), normalize=True)
+    text = clip.encode_text(caption_tokens([caption(*pair) for pair in pairs]), normalize=True)
     nearest = (clip.encode_image(clip_pixels(clip, images), normalize=True) @ text.T).argmax(dim=1).tolist()
     clip.train(training)
     return {kind: sum(pairs[n][i] == r[kind] for n, r in zip(nearest, records)) / len(records)
@@ -212,15 +207,15 @@ def pretrain_clip(clip, pixels: torch.Tensor, tokens: torch.Tensor, *, steps: in
 
 
 def train_clip_steps(clip, optimizer, loss_fn, generator, pixels, tokens, *, steps: int, batch: int, lr: float):
-    order = torch.empty(0, dtype=torch.long)
+    from lav2.finetune import schedule_factor
+
+    order, warmup = torch.empty(0, dtype=torch.long), min(CLIP_WARMUP, max(1, steps // 10))
     for step in range(steps):
         if len(order) < batch:
             order = torch.cat([order, torch.randperm(len(pixels), generator=generator)])
         index, order = order[:batch], order[batch:]
-        warm = min(CLIP_WARMUP, max(1, steps // 10))
-        factor = (step + 1) / warm if step < warm else 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
         for group in optimizer.param_groups:
-            group["lr"] = lr * factor
+            group["lr"] = lr * schedule_factor(step, steps, warmup=warmup)
         image, text, scale = clip(pixels[index], tokens[index])[:3]
         loss = loss_fn(image, text, scale)
         optimizer.zero_grad(set_to_none=True)

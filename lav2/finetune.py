@@ -183,13 +183,18 @@ def make_optimizer(named: list[tuple[str, torch.nn.Parameter]], recipe: Recipe) 
 
 def lr_factor(step: int, total: int, recipe: Recipe) -> float:
     """Linear warmup over warmup_steps, then the schedule down to min_lr (as a fraction of the peak)."""
-    t = recipe.train
-    if step < t.warmup_steps:
-        return (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, total - t.warmup_steps)
-    if t.schedule == "constant":
+    return schedule_factor(step, total, warmup=recipe.train.warmup_steps, schedule=recipe.train.schedule)
+
+
+def schedule_factor(step: int, total: int, *, warmup: int, schedule: str = "cosine") -> float:
+    """The learning rate at `step` of `total` as a fraction of the peak: linear warmup over `warmup` steps, then
+    constant, linear or cosine down to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "constant":
         return 1.0
-    if t.schedule == "linear":
+    if schedule == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 

@@ -86,7 +86,7 @@ def test_same_seed_writes_identical_clip(made):
 
 def test_caption_tokens_end_at_the_highest_id():
     text_cfg = demo.clip_config(demo.CLIP)["text_cfg"]
-    tokens = demo.caption_tokens(["A red circle.", "An orange star."], text_cfg)
+    tokens = demo.caption_tokens(["A red circle.", "An orange star."])
     assert tokens.shape == (2, text_cfg["context_length"])
     assert tokens.argmax(dim=1).tolist() == [4, 4] and int(tokens.max()) == text_cfg["vocab_size"] - 1
     assert tokens[0, 2] != tokens[1, 2] and tokens[0, 3] != tokens[1, 3]  # colour and shape have their own ids

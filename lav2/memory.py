@@ -94,6 +94,11 @@ class Plan:
     note: Optional[str]  # one line for the user when the plan is not what they asked for, else None
 
 
+def who_has(device: torch.device) -> str:
+    """How a refusal names the memory it compared with."""
+    return "the GPU has" if device.type == "cuda" else "the CPU has"
+
+
 def describe(dtype: torch.dtype, quantize: Optional[str]) -> str:
     return "int8" if quantize else str(dtype).removeprefix("torch.")
 
@@ -103,7 +108,7 @@ def plan_inference(config: Config, device: torch.device, *, dtype: Optional[torc
     """The dtype and quantization to load with: what was asked if it fits; when nothing was asked, the default
     if it fits, else the next smaller that does (bfloat16, then int8), said in `note`; else a Lav2Error."""
     have = available_bytes(device)
-    where = "the GPU has" if device.type == "cuda" else "the CPU has"
+    where = who_has(device)
 
     def need(d, q):
         return inference_bytes(config, dtype=d, quantize=q, clip_params=clip_params)
@@ -166,6 +171,5 @@ def check_training(config: Config, device: torch.device, *, dtype: torch.dtype, 
                f"({need(e, c) / GIB:.1f} GiB)" for e, c in ((False, True), (True, False), (True, True))
                if need(e, c) <= have and (e, c) != (load_in_8bit, checkpointing)]
     hint = ("set " + " or ".join(options[:1])) if options else "lower train.micro_batch_size or train.max_seq_len"
-    device_name = "the GPU has" if device.type == "cuda" else "the CPU has"
-    raise Lav2Error(f"{where}: not enough memory to train: about {needed / GIB:.1f} GiB needed and {device_name} "
+    raise Lav2Error(f"{where}: not enough memory to train: about {needed / GIB:.1f} GiB needed and {who_has(device)} "
                     f"{have / GIB:.1f} GiB available; {hint}")
